@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class EmbeddingsConfig(AppConfig):
+    """Similar-case search: CNN embeddings in PostgreSQL, served from a FAISS index."""
+
+    name = "embeddings"
+    verbose_name = "Embeddings and similar-case search"

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class PrecedentConfig(AppConfig):
+    name = "precedent"
+    verbose_name = "Precedent"

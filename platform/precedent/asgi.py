@@ -1,0 +1,12 @@
+"""ASGI entry point."""
+
+import os
+
+from precedent.paths import add_import_roots
+
+add_import_roots()
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "precedent.settings.production")
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+application = get_asgi_application()

@@ -1,0 +1,571 @@
+"""Pure pydicom: read and validate a DICOM file, decode its pixels, window them.
+
+No Django here. `read_header` turns a Part 10 file into a `DicomHeader` (or raises an
+`IngestError` with a one-line reason); `decode_frame` gives one frame as modality
+values; `render` applies the VOI (window, VOI LUT, presets) and returns 8-bit pixels
+ready for PNG.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID
+from pydicom.valuerep import DA, TM
+
+from .errors import InvalidDicom, NotDicom, PixelDataError, RenderError, UnsupportedTransferSyntax
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Leading zeros in UID components are common in the wild and harmless for us; the
+# characters and length are what keep URLs and database keys safe.
+_UID_LOOSE_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# pydicom reports structural trouble (a file that ends inside an element, say) as a
+# warning plus a log record. Warnings are process-global and not thread-safe to catch,
+# so collect the log records per thread instead, and keep the warnings quiet.
+warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+_read_notes = threading.local()
+
+
+class _CollectPydicomWarnings(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        notes = getattr(_read_notes, "messages", None)
+        if notes is not None:
+            notes.append(record.getMessage())
+
+
+_pydicom_log = logging.getLogger("pydicom")
+_pydicom_log.addHandler(_CollectPydicomWarnings(level=logging.WARNING))
+_pydicom_log.propagate = False
+
+_TRUNCATION_MARKERS = ("End of file reached", "truncated", "premature end")
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """What the platform keeps of a DICOM header: patient, study, series, instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""
+    patient_sex: str = ""
+    patient_birth_date: dt.date | None = None
+    accession_number: str = ""
+    study_id: str = ""
+    study_date: dt.date | None = None
+    study_time: dt.time | None = None
+    study_description: str = ""
+    referring_physician: str = ""
+    institution_name: str = ""
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    body_part: str = ""
+    laterality: str = ""
+    view_position: str = ""
+    manufacturer: str = ""
+    manufacturer_model: str = ""
+    instance_number: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    number_of_frames: int = 1
+    samples_per_pixel: int | None = None
+    bits_allocated: int | None = None
+    bits_stored: int | None = None
+    photometric_interpretation: str = ""
+    has_pixel_data: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def transfer_syntax_name(self) -> str:
+        return UID(self.transfer_syntax_uid).name
+
+
+# --- reading and validating ----------------------------------------------------------
+
+
+def read_dataset(path: Path | str, *, stop_before_pixels: bool = False) -> Dataset:
+    """Read a Part 10 file strictly (preamble and File Meta required)."""
+    return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, defer_size="256 KB")
+
+
+def read_header(path: Path | str, *, verify_pixels: bool = True) -> tuple[Dataset, DicomHeader]:
+    """Parse and validate one DICOM Part 10 file.
+
+    Raises an `IngestError` subclass with a one-line reason when the file cannot be
+    stored: not DICOM, truncated, missing or malformed UIDs, a DICOMDIR, an
+    unsupported transfer syntax, or pixel data that is short or undecodable.
+    With `verify_pixels`, compressed pixel data is proven decodable by decoding the
+    first frame; uncompressed pixel data is checked by length, which costs nothing.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise NotDicom("empty file (0 bytes)")
+
+    _read_notes.messages = []
+    try:
+        ds = read_dataset(path)
+        # Convert every top-level element now so malformed values surface here, not
+        # later in a page; pixel data stays deferred on disk.
+        for elem in ds:
+            if elem.keyword not in PIXEL_KEYWORDS:
+                _ = elem.value
+    except InvalidDicomError:
+        raise NotDicom(_explain_not_dicom(path)) from None
+    except (EOFError, OSError) as exc:
+        raise InvalidDicom(f"file is truncated: {exc}") from None
+    except Exception as exc:  # pydicom raises many kinds on malformed input
+        raise InvalidDicom(f"unreadable DICOM: {type(exc).__name__}: {exc}") from None
+    finally:
+        notes, _read_notes.messages = _read_notes.messages, None
+
+    for note in notes:
+        if any(marker in note for marker in _TRUNCATION_MARKERS):
+            # pydicom names the (temporary) file; the sender knows which file it sent.
+            raise InvalidDicom(f"file is truncated: {re.sub(r' in file .*$', '', note)}")
+
+    meta = ds.file_meta
+    if meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
+        raise InvalidDicom(
+            "this is a DICOMDIR (media directory), not an instance: ingest its folder, or the files it references"
+        )
+    transfer_syntax = meta.get("TransferSyntaxUID")
+    if not transfer_syntax:
+        raise InvalidDicom("File Meta Information lacks TransferSyntaxUID (0002,0010)")
+
+    uids = {}
+    for keyword, tag in (
+        ("SOPClassUID", "(0008,0016)"),
+        ("SOPInstanceUID", "(0008,0018)"),
+        ("StudyInstanceUID", "(0020,000D)"),
+        ("SeriesInstanceUID", "(0020,000E)"),
+    ):
+        value = _text(ds, keyword, 200)
+        if not value:
+            raise InvalidDicom(f"missing {keyword} {tag}")
+        if len(value) > 64 or not _UID_LOOSE_RE.match(value):
+            raise InvalidDicom(f"{keyword} {tag} is not a valid DICOM UID: {value[:70]!r}")
+        uids[keyword] = value
+
+    has_pixels = any(keyword in ds for keyword in PIXEL_KEYWORDS)
+    header = DicomHeader(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        transfer_syntax_uid=str(transfer_syntax),
+        patient_id=_text(ds, "PatientID", 64),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
+        patient_name=_text(ds, "PatientName", 320),
+        patient_sex=_text(ds, "PatientSex", 16),
+        patient_birth_date=_date(ds, "PatientBirthDate"),
+        accession_number=_text(ds, "AccessionNumber", 64),
+        study_id=_text(ds, "StudyID", 64),
+        study_date=_date(ds, "StudyDate"),
+        study_time=_time(ds, "StudyTime"),
+        study_description=_text(ds, "StudyDescription", 255),
+        referring_physician=_text(ds, "ReferringPhysicianName", 320),
+        institution_name=_text(ds, "InstitutionName", 255),
+        modality=_text(ds, "Modality", 16).upper(),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription", 255),
+        body_part=_text(ds, "BodyPartExamined", 64).upper(),
+        laterality=(_text(ds, "ImageLaterality", 16) or _text(ds, "Laterality", 16)).upper(),
+        view_position=_view_position(ds),
+        manufacturer=_text(ds, "Manufacturer", 255),
+        manufacturer_model=_text(ds, "ManufacturerModelName", 255),
+        instance_number=_int(ds, "InstanceNumber"),
+        has_pixel_data=has_pixels,
+        **(_pixel_module(ds, str(transfer_syntax), path, verify_pixels) if has_pixels else {}),
+    )
+    return ds, header
+
+
+def _explain_not_dicom(path: Path) -> str:
+    with path.open("rb") as fh:
+        head = fh.read(132)
+    if head[128:132] != b"DICM":
+        return "not a DICOM Part 10 file: no 128-byte preamble followed by 'DICM'"
+    return "not a DICOM Part 10 file: the File Meta Information cannot be read"
+
+
+def _pixel_module(ds: Dataset, transfer_syntax: str, path: Path, verify: bool) -> dict[str, Any]:
+    """Validate the Image Pixel module and return its values for the header."""
+    values: dict[str, Any] = {}
+    for keyword, tag in (
+        ("Rows", "(0028,0010)"),
+        ("Columns", "(0028,0011)"),
+        ("BitsAllocated", "(0028,0100)"),
+        ("SamplesPerPixel", "(0028,0002)"),
+    ):
+        value = _int(ds, keyword, strict_tag=tag)
+        if value is None or value <= 0:
+            raise PixelDataError(f"pixel data without a valid {keyword} {tag}")
+        values[keyword] = value
+    frames = _int(ds, "NumberOfFrames", strict_tag="(0028,0008)")
+    if frames is not None and frames <= 0:
+        raise PixelDataError(f"NumberOfFrames (0028,0008) must be positive, got {frames}")
+    photometric = _text(ds, "PhotometricInterpretation", 32).upper()
+    if not photometric:
+        raise PixelDataError("pixel data without PhotometricInterpretation (0028,0004)")
+
+    ts = UID(transfer_syntax)
+    if "PixelData" in ds:
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError:
+            decoder = None
+        if decoder is None or not decoder.is_available:
+            raise UnsupportedTransferSyntax(f"unsupported transfer syntax {ts} ({ts.name}): no pixel decoder installed")
+        if ts.is_encapsulated:
+            if verify:
+                _verify_decodes(path, ts)
+        else:
+            expected = get_expected_length(ds, "bytes")
+            actual = len(ds.PixelData)
+            if actual < expected:
+                raise PixelDataError(
+                    f"Pixel Data is {actual} bytes, but Rows×Columns×Frames×Samples×BitsAllocated needs {expected}"
+                )
+
+    return {
+        "rows": values["Rows"],
+        "columns": values["Columns"],
+        "number_of_frames": frames or 1,
+        "samples_per_pixel": values["SamplesPerPixel"],
+        "bits_allocated": values["BitsAllocated"],
+        "bits_stored": _int(ds, "BitsStored") or values["BitsAllocated"],
+        "photometric_interpretation": photometric,
+    }
+
+
+def _frame_array(path: Path | str, index: int | None) -> np.ndarray:
+    """Decode one frame straight from the file, reading only that frame's bytes.
+
+    That reader trusts the File Meta transfer syntax and cannot inflate Deflate; files
+    whose body disagrees with their meta (pydicom copes when it reads the whole
+    dataset) and deflated files take the slower whole-dataset path.
+    """
+    try:
+        return pixel_array(str(path), index=index)
+    except Exception:
+        return pixel_array(pydicom.dcmread(str(path)), index=index)
+
+
+def _verify_decodes(path: Path, ts: UID) -> None:
+    try:
+        _frame_array(path, 0)
+    except Exception as exc:
+        raise PixelDataError(f"pixel data cannot be decoded ({ts.name}): {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # pydicom lists one line per plugin; the first names the common cause, the rest repeat it.
+    text = "; ".join(lines[:3]) or type(exc).__name__
+    return text[:300]
+
+
+# --- safe header access --------------------------------------------------------------
+
+
+def _raw(ds: Dataset, keyword: str) -> Any:
+    try:
+        return ds.get(keyword)
+    except Exception:
+        return None
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    value = _raw(ds, keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = "\\".join(str(v) for v in value)
+    # PostgreSQL text cannot hold NUL; DICOM pads with NUL and spaces.
+    return str(value).replace("\x00", "").strip()[:limit]
+
+
+def _int(ds: Dataset, keyword: str, strict_tag: str | None = None) -> int | None:
+    value = _raw(ds, keyword)
+    if value is None or value == "":
+        if strict_tag and keyword in ds:
+            raw = ds.get_item(keyword)
+            raw_value = getattr(raw, "value", b"")
+            if raw_value not in (None, b"", ""):
+                text = raw_value.decode("ascii", "replace") if isinstance(raw_value, bytes) else str(raw_value)
+                raise InvalidDicom(f"{keyword} {strict_tag} is not a valid integer: {text.strip()!r}")
+        return None
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = value[0] if value else None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        if strict_tag:
+            raise InvalidDicom(f"{keyword} {strict_tag} is not a valid integer: {str(value)!r}") from None
+        return None
+
+
+def _date(ds: Dataset, keyword: str) -> dt.date | None:
+    text = _text(ds, keyword, 32)
+    if not text:
+        return None
+    try:
+        return DA(text)
+    except ValueError:
+        return None
+
+
+def _time(ds: Dataset, keyword: str) -> dt.time | None:
+    text = _text(ds, keyword, 32)
+    if not text:
+        return None
+    try:
+        value = TM(text)
+        return dt.time(value.hour, value.minute, value.second, value.microsecond)
+    except (ValueError, AttributeError):
+        return None
+
+
+def _view_position(ds: Dataset) -> str:
+    view = _text(ds, "ViewPosition", 16).upper()
+    if view:
+        return view
+    # Mammography often codes the view only in ViewCodeSequence (CID 4014).
+    seq = _raw(ds, "ViewCodeSequence")
+    if seq:
+        meaning = _text(seq[0], "CodeMeaning", 64).lower()
+        for needle, code in (("medio-lateral oblique", "MLO"), ("cranio-caudal", "CC"), ("medio-lateral", "ML")):
+            if needle in meaning:
+                return code
+    return ""
+
+
+# --- pixels ---------------------------------------------------------------------------
+
+
+def decode_frame(path: Path | str, ds: Dataset, frame: int = 1) -> np.ndarray:
+    """One frame (1-based) as float32 modality values, or as uint8 RGB for colour images.
+
+    `ds` is the header (read with `stop_before_pixels`): it carries the LUTs.
+    """
+    frames = _int(ds, "NumberOfFrames") or 1
+    if not 1 <= frame <= frames:
+        raise RenderError(f"frame {frame} is out of range 1..{frames}")
+    try:
+        arr = _frame_array(path, frame - 1 if frames > 1 else None)
+    except Exception as exc:
+        raise RenderError(f"pixel data cannot be decoded: {_first_line(exc)}") from None
+
+    photometric = _text(ds, "PhotometricInterpretation", 32).upper()
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        return _to_uint8_rgb(rgb, _palette_bits(ds))
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        # pydicom already converted YBR to RGB.
+        return _to_uint8_rgb(arr[..., :3], _int(ds, "BitsStored") or 8)
+    return apply_modality_lut(arr, ds).astype(np.float32, copy=False)
+
+
+def _palette_bits(ds: Dataset) -> int:
+    descriptor = _raw(ds, "RedPaletteColorLookupTableDescriptor")
+    try:
+        return int(descriptor[2])
+    except (TypeError, IndexError, ValueError):
+        return 16
+
+
+def _to_uint8_rgb(arr: np.ndarray, bits: int) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    top = float(2**bits - 1) if bits > 8 else 255.0
+    return np.clip(arr.astype(np.float32) * (255.0 / top), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Window:
+    center: float
+    width: float
+    function: str = "LINEAR"
+
+
+# Window presets (centre, width) a radiologist expects to find by name.
+PRESETS: dict[str, Window | str] = {
+    "default": "default",  # what the file says (VOI LUT or first window), else auto
+    "auto": "auto",  # 0.5–99.5 percentile of the image
+    "full": "full",  # the whole range of stored values
+    "brain": Window(40, 80),
+    "subdural": Window(75, 215),
+    "stroke": Window(40, 40),
+    "lung": Window(-600, 1500),
+    "mediastinum": Window(50, 350),
+    "abdomen": Window(40, 400),
+    "liver": Window(80, 150),
+    "bone": Window(400, 1800),
+}
+PRESETS_BY_MODALITY: dict[str, list[str]] = {
+    "CT": ["default", "brain", "subdural", "stroke", "lung", "mediastinum", "abdomen", "liver", "bone", "auto", "full"],
+    "MG": ["default", "auto", "full"],
+}
+GENERIC_PRESETS = ["default", "auto", "full"]
+
+
+def presets_for(modality: str) -> list[str]:
+    return PRESETS_BY_MODALITY.get(modality.upper(), GENERIC_PRESETS)
+
+
+def apply_window(values: np.ndarray, window: Window) -> np.ndarray:
+    """Map modality values to 0..1 through a VOI window (PS3.3 C.11.2.1.2)."""
+    c, w = float(window.center), float(window.width)
+    function = window.function.upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / max(w, 1e-6)))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - c) / max(w, 1e-6) + 0.5, 0.0, 1.0)
+    w = max(w, 1.0)
+    if w == 1.0:
+        return (values > c - 0.5).astype(np.float32)
+    return np.clip((values - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0)
+
+
+def auto_window(values: np.ndarray, low: float = 0.5, high: float = 99.5) -> Window:
+    sample = values[:: max(1, values.shape[0] // 512), :: max(1, values.shape[1] // 512)]
+    lo, hi = np.percentile(sample, [low, high])
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    return Window(center=(lo + hi) / 2.0, width=max(hi - lo, 1.0) + 1.0)
+
+
+def file_window(ds: Dataset) -> Window | None:
+    center, width = _raw(ds, "WindowCenter"), _raw(ds, "WindowWidth")
+    if center is None or width is None:
+        return None
+    try:
+        c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
+        w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if w <= 0:
+        return None
+    return Window(c, w, _text(ds, "VOILUTFunction", 16) or "LINEAR")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A display image and the window that made it (None for colour and VOI LUTs)."""
+
+    image: np.ndarray
+    window: Window | None
+
+
+def render(
+    pixels: np.ndarray,
+    ds: Dataset,
+    *,
+    window: Window | None = None,
+    preset: str = "default",
+    max_size: int | None = None,
+) -> Rendered:
+    """Decoded frame → uint8 display image (grey H×W or RGB H×W×3).
+
+    Grey images go through the VOI stage: an explicit `window` wins; otherwise the
+    `preset` ("default" uses the file's VOI LUT or window, falling back to "auto").
+    MONOCHROME1 is inverted so that more attenuation is always brighter.
+    """
+    if pixels.ndim == 3:  # colour: no VOI stage
+        return Rendered(_resize(pixels, max_size), None)
+    if window is None:
+        choice = PRESETS.get(preset)
+        if choice is None:
+            raise RenderError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        if isinstance(choice, Window):
+            window = choice
+        elif choice == "full":
+            lo, hi = float(pixels.min()), float(pixels.max())
+            window = Window((lo + hi) / 2.0, max(hi - lo, 1.0) + 1.0)
+        elif choice == "default" and "VOILUTSequence" in ds:
+            return Rendered(_finish(_voi_lut(pixels, ds), ds, max_size), None)
+        elif choice == "default":
+            window = file_window(ds) or auto_window(pixels)
+        else:
+            window = auto_window(pixels)
+    return Rendered(_finish(apply_window(pixels, window), ds, max_size), window)
+
+
+def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    item = ds.VOILUTSequence[0]
+    mapped = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float32)
+    lut = np.asarray(item.LUTData, dtype=np.float32)
+    lo, hi = float(lut.min()), float(lut.max())
+    return np.clip((mapped - lo) / max(hi - lo, 1.0), 0.0, 1.0)
+
+
+def _finish(unit: np.ndarray, ds: Dataset, max_size: int | None) -> np.ndarray:
+    if _text(ds, "PhotometricInterpretation", 32).upper() == "MONOCHROME1":
+        unit = 1.0 - unit
+    return _resize((unit * 255.0 + 0.5).astype(np.uint8), max_size)
+
+
+def _resize(image: np.ndarray, max_size: int | None) -> np.ndarray:
+    if not max_size or max(image.shape[:2]) <= max_size:
+        return image
+    from PIL import Image
+
+    pil = Image.fromarray(image)
+    pil.thumbnail((max_size, max_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(pil)
+
+
+_WINDOW_KEY = "precedent:window"
+
+
+def encode_png(rendered: Rendered) -> bytes:
+    """Rendered image → PNG bytes, the applied window kept in a text chunk.
+
+    Fast compression: previews are cached, and level 1 is several times quicker than
+    the default on a 4736×2624 mammogram for a file about 15 % larger.
+    """
+    import io
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if rendered.window is not None:
+        w = rendered.window
+        info.add_text(_WINDOW_KEY, f"{w.center:.6g} {w.width:.6g} {w.function}")
+    buffer = io.BytesIO()
+    Image.fromarray(rendered.image).save(buffer, format="PNG", compress_level=1, pnginfo=info)
+    return buffer.getvalue()
+
+
+def png_window(path: Path | str) -> Window | None:
+    """The window a cached PNG was rendered with (read from its header, not its pixels)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.text.get(_WINDOW_KEY) if hasattr(image, "text") else None
+    if not text:
+        return None
+    center, width, function = text.split()
+    return Window(float(center), float(width), function)

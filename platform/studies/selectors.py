@@ -1,0 +1,86 @@
+"""Selectors that read: the study list with its filters, one study, one instance."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from django.db.models import Count, Prefetch, Q, QuerySet
+
+from .models import Finding, Instance, Series, Study
+
+SORTS = {
+    "date": ("-study_date", "-study_time", "-id"),
+    "-date": ("study_date", "study_time", "id"),
+    "arrival": ("-created_at", "-id"),
+    "-arrival": ("created_at", "id"),
+    "patient": ("patient__name", "patient__patient_id", "-study_date"),
+    "-patient": ("-patient__name", "-patient__patient_id", "-study_date"),
+    "accession": ("accession_number", "id"),
+    "-accession": ("-accession_number", "-id"),
+}
+DEFAULT_SORT = "date"
+
+
+def study_list(
+    *,
+    q: str = "",
+    patient_id: str = "",
+    patient_name: str = "",
+    accession: str = "",
+    modality: str = "",
+    date_from: dt.date | None = None,
+    date_to: dt.date | None = None,
+    cohort: str = "",
+    sort: str = DEFAULT_SORT,
+) -> QuerySet[Study]:
+    """Studies matching the worklist filters, with their patient and instance count.
+
+    `q` searches patient name and ID and accession number at once (the search box);
+    the other filters are exact (IDs, modality, cohort) or ranges (dates).
+    """
+    qs = Study.objects.select_related("patient").annotate(
+        instance_count=Count("series__instances", distinct=True),
+        lesion_count=Count(
+            "series__instances__findings",
+            filter=Q(series__instances__findings__pathology__in=["benign", "malignant", "unknown"]),
+        ),
+    )
+    if q:
+        qs = qs.filter(
+            Q(patient__name__icontains=q) | Q(patient__patient_id__icontains=q) | Q(accession_number__icontains=q)
+        )
+    if patient_id:
+        qs = qs.filter(patient__patient_id=patient_id)
+    if patient_name:
+        qs = qs.filter(patient__name__icontains=patient_name)
+    if accession:
+        qs = qs.filter(accession_number=accession)
+    if modality:
+        qs = qs.filter(modalities__contains=[modality.upper()])
+    if date_from:
+        qs = qs.filter(study_date__gte=date_from)
+    if date_to:
+        qs = qs.filter(study_date__lte=date_to)
+    if cohort:
+        qs = qs.filter(cohorts__name=cohort)
+    return qs.order_by(*SORTS.get(sort, SORTS[DEFAULT_SORT]))
+
+
+def study_get(*, study_instance_uid: str) -> Study:
+    """One study with series, instances and findings; raises Study.DoesNotExist."""
+    instances = Instance.objects.prefetch_related(Prefetch("findings", queryset=Finding.objects.order_by("id")))
+    series = Series.objects.prefetch_related(Prefetch("instances", queryset=instances))
+    return (
+        Study.objects.select_related("patient")
+        .prefetch_related(Prefetch("series", queryset=series), "cohorts")
+        .get(study_instance_uid=study_instance_uid)
+    )
+
+
+def instance_get(*, sop_instance_uid: str) -> Instance:
+    """One instance with its series, study, patient and findings; raises Instance.DoesNotExist."""
+    return (
+        Instance.objects.select_related("series__study__patient")
+        .prefetch_related(Prefetch("findings", queryset=Finding.objects.order_by("id")))
+        .get(sop_instance_uid=sop_instance_uid)
+    )

@@ -1,0 +1,265 @@
+"""Services that write: ingest, render cache, findings, cohorts.
+
+Every ingest path (browser upload, REST, `manage.py ingest`, dataset importers and
+later DICOMweb and C-STORE) calls `instance_ingest`, so they all store, deduplicate and
+reject the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import F, Func, Value
+
+from . import dicom
+from .dicom import DicomHeader, Window
+from .errors import IngestError, InstanceConflict
+from .models import Cohort, CohortMembership, Finding, Instance, Patient, Series, Study
+from .storage import DicomStore
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass
+class IngestResult:
+    name: str
+    outcome: Outcome
+    http_status: int
+    reason: str = ""
+    sop_instance_uid: str = ""
+    series_instance_uid: str = ""
+    study_instance_uid: str = ""
+    instance: Instance | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome != Outcome.REJECTED
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"file": self.name, "status": self.http_status, "outcome": str(self.outcome)}
+        if self.ok:
+            data.update(
+                sop_instance_uid=self.sop_instance_uid,
+                series_instance_uid=self.series_instance_uid,
+                study_instance_uid=self.study_instance_uid,
+            )
+        else:
+            data["error"] = self.reason
+        return data
+
+
+def dicom_store() -> DicomStore:
+    return DicomStore(settings.PRECEDENT_HOME, fsync=settings.PRECEDENT_FSYNC)
+
+
+def instance_ingest(*, source: BinaryIO | Path, name: str = "") -> IngestResult:
+    """Store one DICOM file, or say in one line why not. Never raises for bad input.
+
+    Idempotent by SOPInstanceUID: the same bytes again are a duplicate; other bytes
+    under a stored SOPInstanceUID are rejected (409). The file and its rows appear
+    together or not at all, also when two requests race with the same instance: both
+    serialise on a PostgreSQL advisory lock keyed by the SOPInstanceUID.
+    """
+    store = dicom_store()
+    name = name or (source.name if isinstance(source, Path) else "")
+    try:
+        spooled = store.spool(source, max_bytes=settings.PRECEDENT_MAX_UPLOAD_BYTES)
+    except IngestError as exc:
+        return _rejected(name, exc)
+    try:
+        _ds, header = dicom.read_header(spooled.path)
+    except IngestError as exc:
+        spooled.discard()
+        return _rejected(name, exc)
+
+    try:
+        with _advisory_lock(header.sop_instance_uid):
+            existing = Instance.objects.filter(sop_instance_uid=header.sop_instance_uid).first()
+            if existing is not None:
+                spooled.discard()
+                if existing.sha256 != spooled.sha256:
+                    raise InstanceConflict(
+                        f"SOPInstanceUID {header.sop_instance_uid} is already stored with different content"
+                    )
+                return _result(name, Outcome.DUPLICATE, 200, existing, header)
+            relative, created = store.commit(spooled)
+            try:
+                instance = _create_rows(header, relative, spooled.sha256, spooled.size)
+            except BaseException:
+                if created:
+                    store.remove(relative)
+                raise
+    except IngestError as exc:
+        return _rejected(name, exc)
+    finally:
+        spooled.discard()
+    log.debug("stored %s from %s", header.sop_instance_uid, name)
+    return _result(name, Outcome.STORED, 201, instance, header)
+
+
+def _rejected(name: str, exc: IngestError) -> IngestResult:
+    return IngestResult(name=name, outcome=Outcome.REJECTED, http_status=exc.http_status, reason=exc.reason)
+
+
+def _result(name: str, outcome: Outcome, status: int, instance: Instance, header: DicomHeader) -> IngestResult:
+    return IngestResult(
+        name=name,
+        outcome=outcome,
+        http_status=status,
+        sop_instance_uid=header.sop_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        study_instance_uid=header.study_instance_uid,
+        instance=instance,
+    )
+
+
+class _advisory_lock:
+    """Session-level PostgreSQL advisory lock on a string key."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __enter__(self) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [self.key])
+
+    def __exit__(self, *exc: object) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [self.key])
+
+
+@transaction.atomic
+def _create_rows(h: DicomHeader, relative: str, sha256: str, size: int) -> Instance:
+    patient, _ = Patient.objects.get_or_create(
+        patient_id=h.patient_id,
+        issuer_of_patient_id=h.issuer_of_patient_id,
+        defaults={"name": h.patient_name, "sex": h.patient_sex, "birth_date": h.patient_birth_date},
+    )
+    study, _ = Study.objects.get_or_create(
+        study_instance_uid=h.study_instance_uid,
+        defaults={
+            "patient": patient,
+            "accession_number": h.accession_number,
+            "study_id": h.study_id,
+            "study_date": h.study_date,
+            "study_time": h.study_time,
+            "description": h.study_description,
+            "referring_physician": h.referring_physician,
+            "institution_name": h.institution_name,
+        },
+    )
+    series, _ = Series.objects.get_or_create(
+        series_instance_uid=h.series_instance_uid,
+        defaults={
+            "study": study,
+            "modality": h.modality,
+            "series_number": h.series_number,
+            "description": h.series_description,
+            "body_part": h.body_part,
+            "manufacturer": h.manufacturer,
+            "manufacturer_model": h.manufacturer_model,
+        },
+    )
+    if h.modality and h.modality not in study.modalities:
+        # array_append in SQL, guarded, so two racing series cannot drop each other's modality.
+        Study.objects.filter(pk=study.pk).exclude(modalities__contains=[h.modality]).update(
+            modalities=Func(F("modalities"), Value(h.modality), function="array_append")
+        )
+    return Instance.objects.create(
+        sop_instance_uid=h.sop_instance_uid,
+        sop_class_uid=h.sop_class_uid,
+        series=series,
+        instance_number=h.instance_number,
+        laterality=h.laterality,
+        view_position=h.view_position,
+        rows=h.rows,
+        columns=h.columns,
+        number_of_frames=h.number_of_frames,
+        samples_per_pixel=h.samples_per_pixel,
+        bits_allocated=h.bits_allocated,
+        bits_stored=h.bits_stored,
+        photometric_interpretation=h.photometric_interpretation,
+        transfer_syntax_uid=h.transfer_syntax_uid,
+        has_pixel_data=h.has_pixel_data,
+        file_path=relative,
+        sha256=sha256,
+        size=size,
+    )
+
+
+# --- rendering --------------------------------------------------------------------------
+
+THUMBNAIL_SIZE = 256
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    frame: int = 1
+    preset: str = "default"
+    window: Window | None = None
+    max_size: int | None = None
+
+    def cache_name(self, sha256: str) -> str:
+        voi = f"w{self.window.center:g}_{self.window.width:g}" if self.window else self.preset
+        return f"{sha256}-f{self.frame}-{voi}-s{self.max_size or 0}.png"
+
+
+def instance_render_png(*, instance: Instance, request: RenderRequest) -> Path:
+    """PNG of one frame, rendered once and cached under PRECEDENT_HOME/cache/render.
+
+    The cache key starts with the file's SHA-256, so a cached image can never belong to
+    other pixel data. Raises RenderError when the pixels cannot be decoded.
+    """
+    cache = Path(settings.PRECEDENT_HOME) / "cache" / "render" / instance.sha256[:2]
+    target = cache / request.cache_name(instance.sha256)
+    if target.exists():
+        return target
+    path = dicom_store().path(instance.file_path)
+    header, pixels = _decoded_frame(str(path), instance.sha256, request.frame)
+    rendered = dicom.render(pixels, header, window=request.window, preset=request.preset, max_size=request.max_size)
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
+    with os.fdopen(fd, "wb") as out:
+        out.write(dicom.encode_png(rendered))
+    os.replace(tmp, target)
+    return target
+
+
+@functools.lru_cache(maxsize=4)
+def _decoded_frame(path: str, sha256: str, frame: int):  # noqa: ARG001 - sha256 keys the cache
+    """Decoding costs more than windowing (100 ms to 0.5 s for compressed films), so
+    the last few decoded frames stay in memory while a user drags the window."""
+    header = dicom.read_dataset(path, stop_before_pixels=True)
+    return header, dicom.decode_frame(path, header, frame)
+
+
+# --- findings and cohorts ---------------------------------------------------------------
+
+
+def cohort_add_studies(*, name: str, studies: list[Study], description: str = "") -> Cohort:
+    cohort, _ = Cohort.objects.get_or_create(name=name, defaults={"description": description})
+    CohortMembership.objects.bulk_create(
+        [CohortMembership(cohort=cohort, study=study) for study in studies], ignore_conflicts=True
+    )
+    return cohort
+
+
+def finding_upsert(*, instance: Instance, source_key: str, **fields: Any) -> Finding:
+    """Create or update the finding a dataset row describes (re-imports stay single)."""
+    finding, _ = Finding.objects.update_or_create(instance=instance, source_key=source_key, defaults=fields)
+    return finding

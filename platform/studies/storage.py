@@ -1,0 +1,123 @@
+"""Content-addressed file store for DICOM files (no Django).
+
+A file is first spooled to a temporary file under the store while its SHA-256 is
+computed, then validated, then moved to `dicom/<aa>/<bb>/<sha256>.dcm` with an atomic
+rename. The same bytes always land on the same path, so storing twice is harmless and a
+half-written file never appears under its final name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import NotDicom, TooLarge
+
+CHUNK = 1024 * 1024
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass
+class Spooled:
+    """A received file, hashed, not yet in the store."""
+
+    path: Path
+    sha256: str
+    size: int
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class DicomStore:
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.tmp = self.root / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def spool(self, source: BinaryIO | Path, *, max_bytes: int | None = None) -> Spooled:
+        """Copy `source` into a temp file, hashing it. gzip-wrapped input is unwrapped.
+
+        Raises TooLarge past `max_bytes` (counted after unwrapping, so a small gzip
+        cannot expand without bound) and leaves nothing behind.
+        """
+        opened = None
+        if isinstance(source, (str, Path)):
+            opened = source = open(source, "rb")
+        try:
+            head = source.read(2)
+            stream: BinaryIO = source
+            rest = head
+            if head == GZIP_MAGIC:
+                source.seek(0)
+                stream = gzip.GzipFile(fileobj=source, mode="rb")
+                rest = b""
+            return self._copy(stream, rest, max_bytes)
+        finally:
+            if opened is not None:
+                opened.close()
+
+    def _copy(self, stream: BinaryIO, first: bytes, max_bytes: int | None) -> Spooled:
+        digest = hashlib.sha256()
+        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                chunk = first
+                while True:
+                    if chunk:
+                        size += len(chunk)
+                        if max_bytes is not None and size > max_bytes:
+                            raise TooLarge(f"file is larger than the upload limit of {max_bytes} bytes")
+                        digest.update(chunk)
+                        out.write(chunk)
+                    try:
+                        chunk = stream.read(CHUNK)
+                    except (OSError, EOFError) as exc:  # corrupt gzip stream
+                        raise NotDicom(f"cannot read the file: {exc}") from None
+                    if not chunk:
+                        break
+                if self.fsync:
+                    out.flush()
+                    os.fsync(out.fileno())
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        return Spooled(path=Path(name), sha256=digest.hexdigest(), size=size)
+
+    @staticmethod
+    def relative_path(sha256: str) -> str:
+        return f"dicom/{sha256[:2]}/{sha256[2:4]}/{sha256}.dcm"
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def commit(self, spooled: Spooled) -> tuple[str, bool]:
+        """Move a spooled file to its content address. Returns (relative path, created).
+
+        `created` is False when the same bytes were already stored; the spool is then
+        dropped and the existing file kept.
+        """
+        relative = self.relative_path(spooled.sha256)
+        target = self.path(relative)
+        if target.exists():
+            spooled.discard()
+            return relative, False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(spooled.path, target)
+        if self.fsync:
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return relative, True
+
+    def remove(self, relative: str) -> None:
+        self.path(relative).unlink(missing_ok=True)

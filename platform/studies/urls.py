@@ -1,0 +1,13 @@
+"""Browser pages: study list, study page with viewer, upload."""
+
+from django.urls import path
+
+from . import views
+
+app_name = "studies"
+
+urlpatterns = [
+    path("", views.study_list, name="list"),
+    path("studies/<str:study_instance_uid>/", views.study_detail, name="detail"),
+    path("upload/", views.upload, name="upload"),
+]
