@@ -5,6 +5,7 @@
 module `platform`), so it is put on the import path here, next to the repository root
 that holds the `embeddings` and `triage` apps.
 """
+
 import os
 import sys
 from pathlib import Path

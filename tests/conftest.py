@@ -55,3 +55,37 @@ def browser_client(client, user):
     """A Django test client logged in with a session, as the browser pages use it."""
     client.force_login(user)
     return client
+
+
+@pytest.fixture
+def make_dicom(dicom_files: Path):
+    """Real DICOM bytes: CT_small.dcm with a fresh SOPInstanceUID and any changes.
+
+    `make_dicom(PatientName="X^Y", StudyInstanceUID=...)` sets header values;
+    `make_dicom(transform=fn)` lets a test edit the pydicom Dataset directly.
+    """
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    def make(transform=None, **changes) -> bytes:
+        ds = pydicom.dcmread(dicom_files / "pydicom-test_files" / "CT_small.dcm")
+        ds.SOPInstanceUID = generate_uid()
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value)
+        if transform is not None:
+            transform(ds)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    return make
+
+
+def upload(name: str, data: bytes):
+    """A file object for the API client's multipart encoder."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    return SimpleUploadedFile(name, data, content_type="application/dicom")

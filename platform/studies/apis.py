@@ -237,7 +237,9 @@ class InstanceUploadApi(ApiView):
             )
         files = request.FILES.getlist("file")
         if not files:
-            return error_response("no files: send one or more multipart fields named 'file'", status.HTTP_400_BAD_REQUEST)
+            return error_response(
+                "no files: send one or more multipart fields named 'file'", status.HTTP_400_BAD_REQUEST
+            )
         results = [services.instance_ingest(source=upload, name=upload.name) for upload in files]
         counts = {outcome: sum(r.outcome == outcome for r in results) for outcome in Outcome}
         body = {

@@ -514,7 +514,8 @@ def render(
 
 def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
     item = ds.VOILUTSequence[0]
-    mapped = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float32)
+    # LUT entries are indexed by integer modality values; float input only draws a warning.
+    mapped = apply_voi_lut(np.rint(values).astype(np.int32), ds, index=0, prefer_lut=True).astype(np.float32)
     lut = np.asarray(item.LUTData, dtype=np.float32)
     lo, hi = float(lut.min()), float(lut.max())
     return np.clip((mapped - lo) / max(hi - lo, 1.0), 0.0, 1.0)
@@ -569,3 +570,22 @@ def png_window(path: Path | str) -> Window | None:
         return None
     center, width, function = text.split()
     return Window(float(center), float(width), function)
+
+
+# --- DICOMDIR --------------------------------------------------------------------------
+
+
+def is_dicomdir_name(path: Path) -> bool:
+    return path.name.upper() == "DICOMDIR"
+
+
+def dicomdir_files(path: Path | str) -> list[Path]:
+    """The files a DICOMDIR references, in its order (missing ones included: the
+    caller reports them). Raises InvalidDicom when the DICOMDIR cannot be read."""
+    from pydicom.fileset import FileSet
+
+    try:
+        fileset = FileSet(pydicom.dcmread(str(path)))
+    except Exception as exc:
+        raise InvalidDicom(f"cannot read DICOMDIR: {_first_line(exc)}") from None
+    return [Path(record.path) for record in fileset]

@@ -95,6 +95,8 @@ def instance_ingest(*, source: BinaryIO | Path, name: str = "") -> IngestResult:
                 if existing.sha256 != spooled.sha256:
                     raise InstanceConflict(
                         f"SOPInstanceUID {header.sop_instance_uid} is already stored with different content"
+                        f" (stored: {existing.transfer_syntax_name}, {existing.size} bytes;"
+                        f" this file: {header.transfer_syntax_name}, {spooled.size} bytes)"
                     )
                 return _result(name, Outcome.DUPLICATE, 200, existing, header)
             relative, created = store.commit(spooled)
@@ -263,3 +265,48 @@ def finding_upsert(*, instance: Instance, source_key: str, **fields: Any) -> Fin
     """Create or update the finding a dataset row describes (re-imports stay single)."""
     finding, _ = Finding.objects.update_or_create(instance=instance, source_key=source_key, defaults=fields)
     return finding
+
+
+def cohort_split(*, source: str, parts: dict[str, float], seed: int = 0) -> dict[str, Cohort]:
+    """Split a cohort into new cohorts by patient, never putting one patient in two.
+
+    Patients are shuffled with `seed` within two strata (any abnormal finding or not),
+    so each part gets its share of abnormal patients; `parts` maps new cohort names to
+    fractions that sum to 1. Re-running with the same arguments gives the same split.
+    """
+    import random
+
+    if abs(sum(parts.values()) - 1.0) > 1e-6 or any(f <= 0 for f in parts.values()):
+        raise ValueError("fractions must be positive and sum to 1")
+    cohort = Cohort.objects.get(name=source)
+    studies = list(cohort.studies.select_related("patient"))
+    abnormal_patients = set(
+        Finding.objects.filter(instance__series__study__in=studies)
+        .exclude(pathology=Finding.Pathology.NORMAL)
+        .values_list("instance__series__study__patient_id", flat=True)
+    )
+    by_patient: dict[int, list[Study]] = {}
+    for study in studies:
+        by_patient.setdefault(study.patient_id, []).append(study)
+
+    rng = random.Random(seed)
+    assignment: dict[str, list[Study]] = {name: [] for name in parts}
+    for stratum in (
+        sorted(p for p in by_patient if p in abnormal_patients),
+        sorted(p for p in by_patient if p not in abnormal_patients),
+    ):
+        rng.shuffle(stratum)
+        start = 0
+        names = list(parts)
+        for i, name in enumerate(names):
+            end = len(stratum) if i == len(names) - 1 else start + round(parts[name] * len(stratum))
+            for patient in stratum[start:end]:
+                assignment[name].extend(by_patient[patient])
+            start = end
+    with transaction.atomic():
+        return {
+            name: cohort_add_studies(
+                name=name, studies=chosen, description=f"{parts[name]:.0%} of {source} by patient, seed {seed}"
+            )
+            for name, chosen in assignment.items()
+        }

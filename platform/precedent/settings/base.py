@@ -122,7 +122,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = PRECEDENT_HOME / "static"
+STATIC_ROOT = PRECEDENT_HOME / "static"  # collectstatic's output (served by WhiteNoise)
+STATIC_ROOT.mkdir(exist_ok=True)
 STATICFILES_DIRS = [REPO_ROOT / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},

@@ -1,0 +1,303 @@
+"""REST API: auth, upload outcomes and statuses, bad input, list/detail, rendering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from PIL import Image
+from rest_framework.test import APIClient
+
+from studies import services
+from studies.models import Instance, Patient, Study
+from tests.conftest import upload
+
+pytestmark = pytest.mark.django_db
+CT = "pydicom-test_files/CT_small.dcm"
+
+
+def store(path: Path):
+    result = services.instance_ingest(source=path)
+    assert result.ok, result.reason
+    return result.instance
+
+
+def nothing_written(home: Path) -> bool:
+    return not list((home / "dicom").rglob("*")) if (home / "dicom").exists() else True
+
+
+# --- authentication --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "url"),
+    [
+        ("get", "/api/v1/studies/"),
+        ("get", "/api/v1/studies/1.2.3/"),
+        ("post", "/api/v1/instances/"),
+        ("get", "/api/v1/instances/1.2.3/"),
+        ("get", "/api/v1/instances/1.2.3/preview.png"),
+        ("get", "/api/v1/instances/1.2.3/thumbnail.png"),
+        ("get", "/api/v1/instances/1.2.3/file"),
+    ],
+)
+def test_every_endpoint_needs_authentication(method, url):
+    response = getattr(APIClient(), method)(url)
+    assert response.status_code == 401
+    assert "error" in response.json()
+
+
+def test_session_login_works_too(client, user, dicom_files):
+    store(dicom_files / CT)
+    client.force_login(user)
+    assert client.get("/api/v1/studies/").status_code == 200
+
+
+def test_drf_create_token_command(user):
+    from django.core.management import call_command
+
+    call_command("drf_create_token", user.username)
+    from rest_framework.authtoken.models import Token
+
+    assert Token.objects.filter(user=user).exists()
+
+
+# --- upload ----------------------------------------------------------------------------
+
+
+def test_upload_stores_and_answers_uids(api, dicom_files, precedent_home):
+    data = (dicom_files / CT).read_bytes()
+    response = api.post("/api/v1/instances/", {"file": upload("ct.dcm", data)}, format="multipart")
+    assert response.status_code == 201
+    body = response.json()
+    assert body["stored"] == 1
+    entry = body["results"][0]
+    ds = pydicom.dcmread(dicom_files / CT)
+    assert entry["sop_instance_uid"] == ds.SOPInstanceUID
+    assert entry["study_instance_uid"] == ds.StudyInstanceUID
+    assert entry["series_instance_uid"] == ds.SeriesInstanceUID
+    instance = Instance.objects.get(sop_instance_uid=ds.SOPInstanceUID)
+    stored = precedent_home / instance.file_path
+    assert stored.read_bytes() == data
+    assert instance.sha256 in stored.name  # content-addressed
+
+
+def test_same_file_twice_is_one_row_and_a_duplicate(api, dicom_files):
+    data = (dicom_files / CT).read_bytes()
+    api.post("/api/v1/instances/", {"file": upload("a.dcm", data)}, format="multipart")
+    response = api.post("/api/v1/instances/", {"file": upload("b.dcm", data)}, format="multipart")
+    assert response.status_code == 200
+    assert response.json()["results"][0]["outcome"] == "duplicate"
+    assert Instance.objects.count() == 1
+
+
+def test_other_bytes_under_a_stored_uid_are_a_conflict(api, make_dicom):
+    first = make_dicom()
+    uid = pydicom.dcmread(__import__("io").BytesIO(first)).SOPInstanceUID
+    api.post("/api/v1/instances/", {"file": upload("a.dcm", first)}, format="multipart")
+    other = make_dicom(SOPInstanceUID=uid, PatientName="Other^Person")
+    response = api.post("/api/v1/instances/", {"file": upload("b.dcm", other)}, format="multipart")
+    assert response.status_code == 409
+    assert "already stored with different content" in response.json()["error"]
+    assert Instance.objects.get().series.study.patient.name == "CompressedSamples^CT1"
+
+
+def test_many_files_mixed_outcomes(api, dicom_files, make_dicom):
+    files = [
+        upload("one.dcm", make_dicom()),
+        upload("two.dcm", make_dicom()),
+        upload("junk.dcm", b"this is not dicom at all" * 10),
+    ]
+    response = api.post("/api/v1/instances/", {"file": files}, format="multipart")
+    assert response.status_code == 202
+    body = response.json()
+    assert (body["stored"], body["duplicates"], body["rejected"]) == (2, 0, 1)
+    junk = body["results"][2]
+    assert junk["file"] == "junk.dcm" and junk["status"] == 400 and "not a DICOM Part 10 file" in junk["error"]
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "status", "reason"),
+    [
+        ("empty.dcm", lambda d: b"", 400, "empty file"),
+        ("text.dcm", lambda d: b"hello" * 100, 400, "not a DICOM Part 10 file"),
+        ("truncated.dcm", lambda d: d[: len(d) // 2], 400, "Pixel Data is"),
+        ("header-only.dcm", lambda d: d[:600], 400, ""),
+    ],
+)
+def test_bad_files_are_rejected_and_leave_nothing(api, make_dicom, precedent_home, name, payload, status, reason):
+    data = payload(make_dicom())
+    response = api.post("/api/v1/instances/", {"file": upload(name, data)}, format="multipart")
+    assert response.status_code == status
+    assert reason in response.json()["error"]
+    assert Instance.objects.count() == 0 and Study.objects.count() == 0 and Patient.objects.count() == 0
+    assert nothing_written(precedent_home)
+    assert list((precedent_home / "tmp").iterdir()) == []
+
+
+def test_missing_uid_is_rejected(api, make_dicom):
+    data = make_dicom(transform=lambda ds: delattr(ds, "SeriesInstanceUID"))
+    response = api.post("/api/v1/instances/", {"file": upload("x.dcm", data)}, format="multipart")
+    assert response.status_code == 400
+    assert response.json()["error"] == "missing SeriesInstanceUID (0020,000E)"
+
+
+def test_unsupported_transfer_syntax_is_415(api, dicom_files):
+    ds = pydicom.dcmread(dicom_files / "pydicom-test_files/JPEG2000.dcm")
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+    buffer = __import__("io").BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    response = api.post("/api/v1/instances/", {"file": upload("mpeg.dcm", buffer.getvalue())}, format="multipart")
+    assert response.status_code == 415
+    assert "unsupported transfer syntax" in response.json()["error"]
+
+
+def test_upload_over_the_limit_is_413_and_leaves_nothing(api, make_dicom, settings, precedent_home):
+    settings.PRECEDENT_MAX_UPLOAD_BYTES = 10_000
+    response = api.post("/api/v1/instances/", {"file": upload("big.dcm", make_dicom())}, format="multipart")
+    assert response.status_code == 413
+    assert "upload limit" in response.json()["error"]
+    assert Instance.objects.count() == 0 and nothing_written(precedent_home)
+
+
+def test_no_file_field_is_400(api):
+    response = api.post("/api/v1/instances/", {"other": "x"}, format="multipart")
+    assert response.status_code == 400
+    assert "multipart fields named 'file'" in response.json()["error"]
+
+
+# --- list and detail -------------------------------------------------------------------
+
+
+def test_study_list_filters_and_pagination(api, make_dicom, dicom_files):
+    from pydicom.uid import generate_uid
+
+    for i in range(3):
+        services.instance_ingest(
+            source=__import__("io").BytesIO(
+                make_dicom(
+                    StudyInstanceUID=generate_uid(),
+                    SeriesInstanceUID=generate_uid(),
+                    PatientID=f"P{i}",
+                    AccessionNumber=f"ACC{i}",
+                    StudyDate=f"2024010{i + 1}",
+                )
+            )
+        )
+    store(dicom_files / "pydicom-test_files/MR_small.dcm")
+
+    body = api.get("/api/v1/studies/").json()
+    assert body["count"] == 4
+    assert [
+        s["patient"]["patient_id"] for s in api.get("/api/v1/studies/?modality=CT&sort=-date").json()["results"]
+    ] == [
+        "P0",
+        "P1",
+        "P2",
+    ]
+    assert api.get("/api/v1/studies/?modality=mr").json()["count"] == 1
+    assert api.get("/api/v1/studies/?patient_id=P1").json()["results"][0]["accession_number"] == "ACC1"
+    assert api.get("/api/v1/studies/?accession=ACC2").json()["count"] == 1
+    assert api.get("/api/v1/studies/?date_from=2024-01-02&date_to=2024-01-03").json()["count"] == 2
+    page = api.get("/api/v1/studies/?modality=CT&page_size=2&page=2").json()
+    assert page["count"] == 3 and len(page["results"]) == 1 and page["previous"]
+    bad = api.get("/api/v1/studies/?date_from=yesterday")
+    assert bad.status_code == 400 and "date_from" in bad.json()["error"]
+    assert api.get("/api/v1/studies/?date_from=2024-02-01&date_to=2024-01-01").status_code == 400
+
+
+def test_study_detail_with_series_instances_and_findings(api, dicom_files):
+    instance = store(dicom_files / CT)
+    services.finding_upsert(
+        instance=instance,
+        source_key="t:1",
+        pathology="benign",
+        abnormality_class="CIRC",
+        x0=10,
+        y0=20,
+        x1=30,
+        y1=40,
+        source="dataset",
+    )
+    uid = instance.series.study.study_instance_uid
+    body = api.get(f"/api/v1/studies/{uid}/").json()
+    assert body["study_instance_uid"] == uid
+    assert body["patient"]["name"] == "CompressedSamples^CT1"
+    inst = body["series"][0]["instances"][0]
+    assert inst["sop_instance_uid"] == instance.sop_instance_uid
+    assert inst["rows"] == 128 and inst["transfer_syntax"] == "Explicit VR Little Endian"
+    assert inst["findings"][0]["box"] == [10.0, 20.0, 30.0, 40.0]
+    assert inst["preview_url"].endswith("/preview.png")
+    assert api.get("/api/v1/studies/9.9.9/").status_code == 404
+
+
+def test_file_download_is_the_stored_bytes(api, dicom_files):
+    instance = store(dicom_files / CT)
+    response = api.get(f"/api/v1/instances/{instance.sop_instance_uid}/file")
+    assert response.status_code == 200 and response["Content-Type"] == "application/dicom"
+    assert b"".join(response.streaming_content) == (dicom_files / CT).read_bytes()
+
+
+# --- rendering -------------------------------------------------------------------------
+
+
+def png(response) -> Image.Image:
+    import io
+
+    return Image.open(io.BytesIO(b"".join(response.streaming_content)))
+
+
+def test_preview_window_presets_and_headers(api, dicom_files, precedent_home):
+    instance = store(dicom_files / CT)
+    url = f"/api/v1/instances/{instance.sop_instance_uid}/preview.png"
+    default = api.get(url)
+    assert default.status_code == 200 and default["Content-Type"] == "image/png"
+    assert png(default).size == (128, 128)
+    assert "X-Window-Center" in default
+    lung = api.get(url + "?preset=lung")
+    assert (lung["X-Window-Center"], lung["X-Window-Width"]) == ("-600", "1500")
+    custom = api.get(url + "?wc=40&ww=400&size=64")
+    assert (custom["X-Window-Center"], custom["X-Window-Width"]) == ("40", "400")
+    assert png(custom).size == (64, 64)
+    assert list((precedent_home / "cache" / "render").rglob("*.png"))  # cached under PRECEDENT_HOME
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("?frame=2", "out of range 1..1"),
+        ("?frame=0", "frame"),
+        ("?preset=nope", "preset"),
+        ("?wc=40", "together"),
+        ("?wc=40&ww=0", "ww"),
+        ("?size=100000", "size"),
+    ],
+)
+def test_preview_bad_parameters_are_400(api, dicom_files, query, reason):
+    instance = store(dicom_files / CT)
+    response = api.get(f"/api/v1/instances/{instance.sop_instance_uid}/preview.png{query}")
+    assert response.status_code == 400
+    assert reason in response.json()["error"]
+
+
+def test_preview_of_unknown_instance_and_of_a_report(api, dicom_files):
+    assert api.get("/api/v1/instances/1.2.3.4/preview.png").status_code == 404
+    report = store(dicom_files / "pydicom-test_files/test-SR.dcm")
+    response = api.get(f"/api/v1/instances/{report.sop_instance_uid}/preview.png")
+    assert response.status_code == 422 and "no image pixel data" in response.json()["error"]
+
+
+def test_multiframe_preview_by_frame(api, dicom_files):
+    instance = store(dicom_files / "pydicom-data/emri_small.dcm")
+    url = f"/api/v1/instances/{instance.sop_instance_uid}/preview.png"
+    first, tenth = png(api.get(url + "?frame=1&preset=full")), png(api.get(url + "?frame=10&preset=full"))
+    assert first.tobytes() != tenth.tobytes()
+    assert api.get(url + "?frame=11").status_code == 400
+
+
+def test_instance_detail(api, dicom_files):
+    instance = store(dicom_files / CT)
+    body = api.get(f"/api/v1/instances/{instance.sop_instance_uid}/").json()
+    assert body["modality"] == "CT" and body["study_instance_uid"] == instance.series.study.study_instance_uid
+    assert body["sha256"] == instance.sha256

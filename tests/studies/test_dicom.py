@@ -1,0 +1,172 @@
+"""The pure DICOM core on real files: header, validation reasons, decoding, windowing."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from studies import dicom
+from studies.dicom import Window
+from studies.errors import InvalidDicom, NotDicom, PixelDataError, RenderError, UnsupportedTransferSyntax
+from studies.storage import DicomStore
+
+TF = "pydicom-test_files"
+PD = "pydicom-data"
+
+
+def test_header_of_a_ct(dicom_files: Path):
+    _, h = dicom.read_header(dicom_files / TF / "CT_small.dcm")
+    assert h.modality == "CT"
+    assert (h.rows, h.columns, h.number_of_frames) == (128, 128, 1)
+    assert h.sop_instance_uid == "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
+    assert h.study_instance_uid.startswith("1.3.6.1.4.1.5962")
+    assert h.patient_name == "CompressedSamples^CT1"
+    assert h.study_date is not None and h.study_date.year == 2004
+    assert h.transfer_syntax_name == "Explicit VR Little Endian"
+    assert h.has_pixel_data and h.photometric_interpretation == "MONOCHROME2"
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "reason"),
+    [
+        (f"{TF}/no_meta.dcm", NotDicom, "no 128-byte preamble"),
+        (f"{PD}/OT-PAL-8-face.dcm", NotDicom, "no 128-byte preamble"),
+        (f"{TF}/meta_missing_tsyntax.dcm", InvalidDicom, "lacks TransferSyntaxUID"),
+        (f"{TF}/UN_sequence.dcm", InvalidDicom, "missing SOPClassUID"),
+        (f"{PD}/bad_sequence.dcm", InvalidDicom, "is not a valid DICOM UID"),
+        (f"{PD}/emri_small_jpeg_2k_lossless_too_short.dcm", InvalidDicom, "file is truncated"),
+        (f"{TF}/MR_truncated.dcm", PixelDataError, "Pixel Data is 8130 bytes"),
+        (f"{TF}/badVR.dcm", InvalidDicom, "NumberOfFrames (0028,0008) is not a valid integer"),
+        (f"{TF}/JPEG-lossy.dcm", PixelDataError, "cannot be decoded"),
+        (f"{TF}/JPEG2000-embedded-sequence-delimiter.dcm", PixelDataError, "cannot be decoded"),
+        (f"{TF}/dicomdirtests/DICOMDIR", InvalidDicom, "DICOMDIR"),
+    ],
+)
+def test_broken_files_are_rejected_with_a_specific_reason(dicom_files: Path, path, error, reason):
+    with pytest.raises(error) as caught:
+        dicom.read_header(dicom_files / path)
+    message = str(caught.value)
+    assert reason in message
+    assert "\n" not in message
+    assert str(dicom_files) not in message  # no server paths in reasons
+
+
+def test_empty_file(tmp_path: Path):
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    with pytest.raises(NotDicom, match="empty file"):
+        dicom.read_header(empty)
+
+
+def test_unsupported_transfer_syntax(dicom_files: Path, tmp_path: Path):
+    ds = pydicom.dcmread(dicom_files / TF / "JPEG2000.dcm")
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video: no decoder here
+    target = tmp_path / "mpeg.dcm"
+    ds.save_as(target, enforce_file_format=True)
+    with pytest.raises(UnsupportedTransferSyntax, match="unsupported transfer syntax 1.2.840.10008.1.2.4.100"):
+        dicom.read_header(target)
+
+
+def test_gzip_wrapped_file_is_unwrapped_when_spooled(dicom_files: Path, tmp_path: Path):
+    store = DicomStore(tmp_path, fsync=False)
+    spooled = store.spool(dicom_files / TF / "zipMR.gz")
+    assert spooled.size == len(gzip.open(dicom_files / TF / "zipMR.gz").read())
+    _, h = dicom.read_header(spooled.path)
+    assert h.modality == "MR"
+
+
+def test_modality_lut_applies_rescale(dicom_files: Path):
+    path = dicom_files / TF / "CT_small.dcm"
+    ds = pydicom.dcmread(path)
+    values = dicom.decode_frame(path, ds)
+    raw = ds.pixel_array.astype(np.float32)
+    expected = raw * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_allclose(values, expected)
+
+
+def test_linear_window_follows_the_standard():
+    values = np.array([-1000.0, 39.5, 40.0, 79.0, 81.0, 1000.0], dtype=np.float32)
+    out = dicom.apply_window(values, Window(40, 80))
+    assert out[0] == 0.0 and out[-1] == 1.0
+    # PS3.3 C.11.2.1.2.1: ((x - (c - 0.5)) / (w - 1) + 0.5) inside the window.
+    assert out[2] == pytest.approx((40 - 39.5) / 79 + 0.5)
+    assert np.all(np.diff(out) >= 0)
+
+
+def test_monochrome1_is_inverted(dicom_files: Path, tmp_path: Path):
+    source = dicom_files / PD / "RG3_J2KI.dcm"
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    values = dicom.decode_frame(source, ds)
+    window = Window(float(values.mean()), float(values.std() * 4))
+    mono1 = dicom.render(values, ds, window=window).image
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    mono2 = dicom.render(values, ds, window=window).image
+    np.testing.assert_array_equal(mono1.astype(int), 255 - mono2.astype(int))
+
+
+def test_voi_lut_sequence_is_used_by_default(dicom_files: Path):
+    path = dicom_files / PD / "vlut_04.dcm"
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert "VOILUTSequence" in ds
+    values = dicom.decode_frame(path, ds)
+    default = dicom.render(values, ds)
+    auto = dicom.render(values, ds, preset="auto")
+    assert default.window is None  # the LUT, not a window
+    assert default.image.dtype == np.uint8 and default.image.max() > default.image.min()
+    assert not np.array_equal(default.image, auto.image)
+
+
+def test_multiframe_frames_differ_and_range_is_checked(dicom_files: Path):
+    path = dicom_files / PD / "emri_small.dcm"
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    first, third = dicom.decode_frame(path, ds, 1), dicom.decode_frame(path, ds, 3)
+    np.testing.assert_array_equal(third, pydicom.dcmread(path).pixel_array[2])
+    assert not np.array_equal(first, third)
+    with pytest.raises(RenderError, match="out of range 1..10"):
+        dicom.decode_frame(path, ds, 11)
+
+
+def test_palette_colour_becomes_rgb(dicom_files: Path):
+    path = dicom_files / PD / "OBXXXX1A_rle.dcm"
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    rendered = dicom.render(dicom.decode_frame(path, ds), ds)
+    assert rendered.image.shape == (600, 800, 3) and rendered.image.dtype == np.uint8
+
+
+def test_cbis_mammogram_16bit_rle_renders_downscaled(datasets: Path, tmp_path: Path):
+    path = next((datasets / "cbis-ddsm-mg-samples").rglob("*.dcm"))
+    ds, h = dicom.read_header(path)
+    assert h.modality == "MG" and h.bits_allocated == 16
+    assert (h.rows, h.columns) == (4736, 2624) or (h.columns, h.rows) == (4736, 2624)
+    header = dicom.read_dataset(path, stop_before_pixels=True)
+    rendered = dicom.render(dicom.decode_frame(path, header), header, max_size=512)
+    assert max(rendered.image.shape) == 512
+    assert rendered.image.std() > 10  # an image, not a flat field
+
+
+def test_rendered_png_remembers_its_window(tmp_path: Path):
+    rendered = dicom.Rendered(np.zeros((4, 4), np.uint8), Window(40, 400))
+    png = tmp_path / "x.png"
+    png.write_bytes(dicom.encode_png(rendered))
+    assert dicom.png_window(png) == Window(40, 400)
+
+
+def test_dicomdir_lists_its_files(dicom_files: Path):
+    files = dicom.dicomdir_files(dicom_files / TF / "dicomdirtests" / "DICOMDIR")
+    assert len(files) == 31 and all(f.is_file() for f in files)
+
+
+def test_nul_padding_never_reaches_the_database(dicom_files: Path, tmp_path: Path):
+    ds = pydicom.dcmread(dicom_files / TF / "CT_small.dcm")
+    ds.StudyDescription = "HEAD\x00\x00"
+    target = tmp_path / "nul.dcm"
+    shutil.copy(dicom_files / TF / "CT_small.dcm", target)
+    ds.save_as(target, enforce_file_format=True)
+    _, h = dicom.read_header(target)
+    assert h.study_description == "HEAD"
