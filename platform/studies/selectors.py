@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 
-from django.db.models import Count, Prefetch, Q, QuerySet
+from django.db.models import Count, F, Func, Prefetch, Q, QuerySet
 
 from .models import Finding, Instance, Series, Study
 
+# Undated studies go last whichever way the date sorts (PostgreSQL puts NULLs first in DESC).
 SORTS = {
-    "date": ("-study_date", "-study_time", "-id"),
-    "-date": ("study_date", "study_time", "id"),
+    "date": (F("study_date").desc(nulls_last=True), F("study_time").desc(nulls_last=True), "-id"),
+    "-date": (F("study_date").asc(nulls_last=True), F("study_time").asc(nulls_last=True), "id"),
     "arrival": ("-created_at", "-id"),
     "-arrival": ("created_at", "id"),
-    "patient": ("patient__name", "patient__patient_id", "-study_date"),
-    "-patient": ("-patient__name", "-patient__patient_id", "-study_date"),
+    "patient": ("patient__name", "patient__patient_id", F("study_date").desc(nulls_last=True)),
+    "-patient": ("-patient__name", "-patient__patient_id", F("study_date").desc(nulls_last=True)),
     "accession": ("accession_number", "id"),
     "-accession": ("-accession_number", "-id"),
 }
@@ -64,6 +65,12 @@ def study_list(
     if cohort:
         qs = qs.filter(cohorts__name=cohort)
     return qs.order_by(*SORTS.get(sort, SORTS[DEFAULT_SORT]))
+
+
+def study_modalities() -> list[str]:
+    """The modalities present in the archive, for filter menus."""
+    unnested = Study.objects.annotate(modality=Func(F("modalities"), function="unnest"))
+    return list(unnested.values_list("modality", flat=True).distinct().order_by("modality"))
 
 
 def study_get(*, study_instance_uid: str) -> Study:
