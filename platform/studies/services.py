@@ -261,10 +261,11 @@ def cohort_add_studies(*, name: str, studies: list[Study], description: str = ""
     return cohort
 
 
-def finding_upsert(*, instance: Instance, source_key: str, **fields: Any) -> Finding:
-    """Create or update the finding a dataset row describes (re-imports stay single)."""
-    finding, _ = Finding.objects.update_or_create(instance=instance, source_key=source_key, defaults=fields)
-    return finding
+def finding_upsert(*, instance: Instance, source_key: str, **fields: Any) -> tuple[Finding, bool]:
+    """Create or update the finding a dataset row describes (re-imports stay single).
+
+    Returns the finding and whether it was created."""
+    return Finding.objects.update_or_create(instance=instance, source_key=source_key, defaults=fields)
 
 
 def cohort_split(*, source: str, parts: dict[str, float], seed: int = 0) -> dict[str, Cohort]:

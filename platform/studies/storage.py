@@ -49,7 +49,10 @@ class DicomStore:
         """
         opened = None
         if isinstance(source, (str, Path)):
-            opened = source = open(source, "rb")
+            try:
+                opened = source = open(source, "rb")
+            except OSError as exc:  # a folder, a missing file, no permission
+                raise NotDicom(f"cannot read the file: {exc.strerror or exc}") from None
         try:
             head = source.read(2)
             stream: BinaryIO = source

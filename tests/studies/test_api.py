@@ -136,6 +136,12 @@ def test_bad_files_are_rejected_and_leave_nothing(api, make_dicom, precedent_hom
     assert list((precedent_home / "tmp").iterdir()) == []
 
 
+def test_service_reports_unreadable_paths_instead_of_raising(tmp_path):
+    for path in (tmp_path, tmp_path / "missing.dcm"):
+        result = services.instance_ingest(source=path)
+        assert result.outcome == "rejected" and result.reason.startswith("cannot read the file")
+
+
 def test_missing_uid_is_rejected(api, make_dicom):
     data = make_dicom(transform=lambda ds: delattr(ds, "SeriesInstanceUID"))
     response = api.post("/api/v1/instances/", {"file": upload("x.dcm", data)}, format="multipart")

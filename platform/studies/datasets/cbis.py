@@ -1,0 +1,93 @@
+"""CBIS-DDSM sample mammograms: real MG DICOMs, ingested byte for byte, + labels.csv rows.
+
+labels.csv has one row per abnormality for every file of the source package; only the
+files present under the folder are imported (PROVENANCE: two of eight are staged).
+CBIS-DDSM locates its lesions with ROI masks, which were not staged, so the findings
+carry pathology, class and BI-RADS but no box. Laterality and view sit in the label
+row, not in the DICOM (its ImageLaterality and ViewPosition are empty), so they are
+kept in the finding's attributes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from .base import BENIGN, MALIGNANT, UNKNOWN, Conversion, FindingSpec, Item, find_root, read_csv
+
+NAME = "cbis-ddsm"
+FOLDER = "cbis-ddsm-mg-samples"
+COLUMNS = (
+    "package_file",
+    "staged_here",
+    "dicom_PatientID",
+    "patient_id",
+    "breast_density",
+    "left or right breast",
+    "image view",
+    "abnormality id",
+    "abnormality type",
+    "mass shape",
+    "mass margins",
+    "assessment",
+    "pathology",
+    "subtlety",
+)
+PATHOLOGY = {"MALIGNANT": MALIGNANT, "BENIGN": BENIGN, "BENIGN_WITHOUT_CALLBACK": BENIGN}
+
+
+def read(path: Path, *, limit: int | None = None) -> Conversion:
+    """Open the CBIS-DDSM samples folder (or the datasets root holding it)."""
+    root = find_root(path, FOLDER, "labels.csv")
+    rows_by_file: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in read_csv(root / "labels.csv", COLUMNS):
+        rows_by_file[row["package_file"]].append(row)
+    # A file the labels list as staged but which is missing is reported; the package's
+    # other files are only imported when someone has added them to the folder.
+    files = [name for name, rows in rows_by_file.items() if (root / name).is_file() or rows[0]["staged_here"] == "yes"]
+    notes = []
+    if absent := len(rows_by_file) - len(files):
+        notes.append(f"{absent} labelled file(s) of the source package are not in {root} (not staged)")
+    if limit is not None:
+        files = files[:limit]
+    return Conversion(
+        dataset=NAME,
+        description="CBIS-DDSM sample mammograms (Sawyer-Lee et al., TCIA 2016), CC BY 3.0",
+        total=len(files),
+        items=(_item(root, name, rows_by_file[name]) for name in files),
+        notes=notes,
+    )
+
+
+def _item(root: Path, name: str, rows: list[dict[str, str]]) -> Item:
+    path = root / name
+    if not path.is_file():
+        return Item(name=name, dicom=None, problem="listed as staged in labels.csv but missing")
+    return Item(name=name, dicom=path, findings=[_finding(row) for row in rows])
+
+
+def _finding(row: dict[str, str]) -> FindingSpec:
+    side = row["left or right breast"].upper()
+    return FindingSpec(
+        source_key=f"{NAME}:{row['dicom_PatientID']}:{row['abnormality id']}",
+        pathology=PATHOLOGY.get(row["pathology"].upper(), UNKNOWN),
+        abnormality_class=row["abnormality type"],
+        attributes={
+            "birads": _int(row["assessment"]),
+            "pathology_as_given": row["pathology"],
+            "breast_density": _int(row["breast_density"]),
+            "laterality": {"LEFT": "L", "RIGHT": "R"}.get(side, side),
+            "view": row["image view"],
+            "mass_shape": row["mass shape"],
+            "mass_margins": row["mass margins"],
+            "subtlety": _int(row["subtlety"]),
+            "cbis_patient_id": row["patient_id"],
+        },
+    )
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None

@@ -1,0 +1,282 @@
+"""import_dataset and load_demo on the real shared datasets, through the real ingest and PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import CommandError, call_command
+from PIL import Image
+
+from studies import dicom, services
+from studies.datasets import cbis, mias, nih_cxr
+from studies.datasets.base import clip_box, dataset_uid
+from studies.models import Cohort, Finding, Instance, Patient, Study
+
+pytestmark = pytest.mark.django_db
+
+
+def run(*args: str) -> str:
+    out = io.StringIO()
+    call_command("import_dataset", *args, stdout=out)
+    return out.getvalue()
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --- mini-MIAS ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mias_full_import_matches_the_annotations(datasets: Path) -> None:
+    """The whole set once (about 5 s): counts, patients, pairs and boxes as the CSVs say."""
+    root = datasets / "mini-mias"
+    output = run("mias", str(root))
+
+    assert "224 images: 224 stored, 0 duplicate, 0 rejected" in output
+    assert Instance.objects.count() == 224
+    assert Patient.objects.count() == 112
+    assert Study.objects.count() == 112
+    assert Cohort.objects.get(name="mias").studies.count() == 112
+    annotations = csv_rows(root / "annotations.csv")
+    assert Finding.objects.count() == len(annotations)
+
+    abnormal = Instance.objects.filter(findings__pathology__in=["benign", "malignant"]).distinct().count()
+    normal = Instance.objects.exclude(findings__pathology__in=["benign", "malignant"]).count()
+    assert (normal, abnormal) == (143, 81)
+
+    # mdb001 and mdb002: one patient, one study, right and left MLO.
+    pair = Instance.objects.filter(findings__source_key__in=["mini-mias:mdb001:0", "mini-mias:mdb002:0"])
+    assert sorted(pair.values_list("laterality", flat=True)) == ["L", "R"]
+    assert {i.series.study.patient.patient_id for i in pair} == {"MIAS-p001"}
+    assert len({i.series.study_id for i in pair}) == 1
+    first = pair.get(laterality="R")
+    assert (first.view_position, first.series.modality, first.series.body_part) == ("MLO", "MG", "BREAST")
+    assert (first.rows, first.columns, first.bits_stored, first.photometric_interpretation) == (
+        1024,
+        1024,
+        8,
+        "MONOCHROME2",
+    )
+
+    rows_by_image: dict[str, list[dict[str, str]]] = {}
+    for row in annotations:
+        rows_by_image.setdefault(row["refnum"], []).append(row)
+    for refnum in ("mdb001", "mdb005", "mdb015", "mdb021"):
+        for index, row in enumerate(rows_by_image[refnum]):
+            finding = Finding.objects.get(source_key=f"mini-mias:{refnum}:{index}")
+            assert finding.box == [float(row[c]) for c in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")]
+            assert finding.pathology == {"B": "benign", "M": "malignant"}[row["severity"]]
+            assert finding.abnormality_class == row["abnormality_class"]
+            assert finding.attributes["radius"] == float(row["radius"])
+            assert finding.source == "dataset"
+
+    # Lesions the data gives no location for are findings without a box.
+    diffuse = Finding.objects.get(source_key="mini-mias:mdb216:0")
+    assert (diffuse.pathology, diffuse.abnormality_class, diffuse.box) == ("malignant", "CALC", None)
+    assert Finding.objects.get(source_key="mini-mias:mdb003:0").pathology == "normal"
+
+    # The stored pixels are the PNG's pixels.
+    path = services.dicom_store().path(first.file_path)
+    stored = dicom.decode_frame(path, dicom.read_dataset(path, stop_before_pixels=True))
+    with Image.open(root / "images" / "mdb001.png") as png:
+        assert np.array_equal(stored, np.asarray(png))
+
+
+def test_mias_reimport_gives_duplicates_and_no_extra_findings(datasets: Path) -> None:
+    first = run("mias", str(datasets / "mini-mias"), "--limit", "6", "--cohort", "mias-subset")
+    findings = Finding.objects.count()
+    second = run("mias", str(datasets), "--limit", "6", "--cohort", "mias-subset")  # the datasets root works too
+
+    assert "6 images: 6 stored, 0 duplicate" in first
+    assert "6 images: 0 stored, 6 duplicate, 0 rejected" in second
+    assert f"findings: 0 created, {findings} updated" in second
+    assert Finding.objects.count() == findings
+    assert Instance.objects.count() == 6
+    assert Cohort.objects.get(name="mias-subset").studies.count() == 3
+
+
+def test_converted_files_are_deterministic_part10(datasets: Path) -> None:
+    """Same bytes on every run (what makes a re-import a duplicate), and proper File Meta."""
+    one = next(mias.read(datasets / "mini-mias", limit=1).items)
+    again = next(mias.read(datasets / "mini-mias", limit=1).items)
+    assert one.dicom == again.dicom
+    assert one.dicom[128:132] == b"DICM"
+    ds = pydicom.dcmread(io.BytesIO(one.dicom))
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert (ds.ConversionType, ds.ImageLaterality, ds.ViewPosition) == ("DF", "R", "MLO")
+    assert (str(ds.PatientName), ds.PatientID) == ("MIAS^p001", "MIAS-p001")
+
+
+def test_dataset_uids_are_stable_valid_and_distinct() -> None:
+    uid = dataset_uid("mini-mias", "instance", "mdb001")
+    assert uid == dataset_uid("mini-mias", "instance", "mdb001")
+    assert uid != dataset_uid("mini-mias", "instance", "mdb002")
+    assert uid.startswith("2.25.") and len(uid) <= 64 and pydicom.uid.UID(uid).is_valid
+
+
+def test_boxes_are_clipped_to_the_image() -> None:
+    assert clip_box(-10, 5, 50, 1100, 1024, 1024) == (0.0, 5.0, 50.0, 1024.0)
+    assert clip_box(2000, 0, 2100, 10, 1024, 1024) is None
+
+
+# --- CBIS-DDSM ---------------------------------------------------------------------------
+
+
+def test_cbis_mammograms_ingest_as_they_are_render_and_carry_labels(datasets: Path) -> None:
+    root = datasets / "cbis-ddsm-mg-samples"
+    output = run("cbis", str(root))
+
+    assert "2 images: 2 stored" in output
+    assert "not staged" in output  # six labelled files of the package are not in the folder
+    for name, pathology, birads in (
+        ("sfm-malign-0/1-280.dcm", "malignant", 5),
+        ("sfm-benign-0/1-130.dcm", "benign", 3),
+    ):
+        source = pydicom.dcmread(root / name, stop_before_pixels=True)
+        instance = Instance.objects.get(sop_instance_uid=source.SOPInstanceUID)
+        assert instance.transfer_syntax_uid == pydicom.uid.RLELossless
+        assert (instance.series.modality, instance.bits_allocated) == ("MG", 16)
+        assert services.dicom_store().path(instance.file_path).read_bytes() == (root / name).read_bytes()
+        finding = instance.findings.get()
+        assert (finding.pathology, finding.abnormality_class, finding.box) == (pathology, "mass", None)
+        assert finding.attributes["birads"] == birads
+        assert (finding.attributes["laterality"], finding.attributes["view"]) == ("L", "CC")
+
+        png = services.instance_render_png(instance=instance, request=services.RenderRequest())
+        with Image.open(png) as image:
+            assert image.size == (instance.columns, instance.rows)
+    assert Cohort.objects.get(name="cbis").studies.count() == 2
+
+
+def test_cbis_reports_a_staged_file_that_is_missing(tmp_path: Path, datasets: Path) -> None:
+    (tmp_path / "labels.csv").write_bytes((datasets / "cbis-ddsm-mg-samples" / "labels.csv").read_bytes())
+    output = run("cbis", str(tmp_path))
+    assert "2 images: 0 stored, 0 duplicate, 2 rejected" in output
+    assert "listed as staged in labels.csv but missing" in output
+    assert cbis.NAME in output
+
+
+# --- NIH ChestX-ray14 --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_nih_import_has_pixel_boxes_visits_and_labels(datasets: Path) -> None:
+    root = datasets / "nih-chestxray14-bbox"
+    output = run("nih-cxr", str(root))
+
+    assert "83 images: 83 stored" in output
+    boxes = csv_rows(root / "boxes.csv")
+    assert Finding.objects.exclude(x0=None).count() == len(boxes) == 96
+    assert Patient.objects.count() == 78
+    assert Study.objects.count() == 83  # one study per visit
+
+    row = boxes[0]
+    finding = Finding.objects.get(source_key=f"{nih_cxr.NAME}:{row['image']}:box0")
+    x, y, w, h = (float(row[c]) for c in ("x", "y", "w", "h"))
+    assert finding.box == pytest.approx([x, y, x + w, y + h])
+    assert (finding.pathology, finding.abnormality_class) == ("unknown", row["finding"])
+
+    # 00000032_037: a boxed "Infiltrate" (NIH's label spelling "Infiltration") plus two labels without boxes.
+    instance = Instance.objects.get(series__study__accession_number="00000032_037")
+    classes = sorted(instance.findings.values_list("abnormality_class", "x0"), key=lambda c: c[0])
+    assert [c for c, _ in classes] == ["Cardiomegaly", "Edema", "Infiltration"]
+    assert [x0 is None for _, x0 in classes] == [True, True, False]
+    assert (instance.view_position, instance.series.modality, instance.series.body_part) == ("AP", "DX", "CHEST")
+    assert instance.series.study.patient.sex == "F"
+
+    negative = Instance.objects.get(series__study__accession_number="00003659_015")
+    assert list(negative.findings.values_list("pathology", flat=True)) == ["normal"]
+    assert negative.view_position == "PA"
+
+    visits = Study.objects.filter(patient__patient_id="NIH-00001836").order_by("study_date")
+    assert list(visits.values_list("study_id", flat=True)) == ["41", "82"]
+
+
+# --- command errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("mias", "/nonexistent/mias"), "is not a folder"),
+        (("mias",), "needs the PATH"),
+        (("synthetic", "/tmp"), "takes no PATH"),
+        (("mias", "/tmp", "--seed", "3"), "synthetic only"),
+        (("synthetic", "--cohort", "no spaces please"), "--cohort"),
+    ],
+)
+def test_bad_invocations_are_one_line_command_errors(args: tuple[str, ...], message: str) -> None:
+    with pytest.raises(CommandError, match=message) as error:
+        run(*args)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_csv_is_a_command_error(tmp_path: Path) -> None:
+    (tmp_path / "images.csv").write_text("refnum,file,patient_id,laterality\n")
+    with pytest.raises(CommandError, match="annotations.csv not found"):
+        run("mias", str(tmp_path))
+    (tmp_path / "annotations.csv").write_text("refnum\n")
+    with pytest.raises(CommandError, match="lacks column"):
+        run("mias", str(tmp_path))
+
+
+# --- load_demo ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_load_demo_twice_is_idempotent_and_creates_the_demo_login(
+    tmp_path: Path, datasets: Path, precedent_home: Path
+) -> None:
+    """pydicom's test files plus the CBIS samples (a symlink: nothing is copied)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / cbis.FOLDER).symlink_to(datasets / cbis.FOLDER)
+
+    first, second = io.StringIO(), io.StringIO()
+    call_command("load_demo", "--data", str(data), stdout=first)
+    instances = Instance.objects.count()
+    findings = Finding.objects.count()
+    call_command("load_demo", "--data", str(data), stdout=second)
+
+    password = (precedent_home / "demo-login.txt").read_text().splitlines()[1]
+    user = get_user_model().objects.get(username="demo")
+    assert user.is_superuser and user.is_staff and user.check_password(password)
+    for output in (first.getvalue(), second.getvalue()):
+        assert f"Log in at http://127.0.0.1:8000 as demo / {password}" in output
+    assert "pydicom test files:" in first.getvalue()
+    assert " 0 stored" in second.getvalue() and "rejected" in second.getvalue()
+    assert "2 images: 0 stored, 2 duplicate, 0 rejected" in second.getvalue()
+    assert (Instance.objects.count(), Finding.objects.count()) == (instances, findings)
+    assert Cohort.objects.get(name="cbis").studies.count() == 2
+    assert get_user_model().objects.filter(username="demo").count() == 1
+
+
+def test_load_demo_rejects_a_data_folder_without_datasets(tmp_path: Path) -> None:
+    with pytest.raises(CommandError, match="holds none of"):
+        call_command("load_demo", "--data", str(tmp_path), stdout=io.StringIO())
+
+
+@pytest.mark.slow
+def test_load_demo_without_datasets_generates_the_synthetic_cohort(settings, tmp_path: Path) -> None:
+    """A checkout with no ../shared/datasets beside it still gets mammograms with truth (about 8 s)."""
+    settings.REPO_ROOT = tmp_path / "elsewhere" / "repo"
+    out = io.StringIO()
+    call_command("load_demo", stdout=out)
+
+    assert "no real datasets found" in out.getvalue()
+    assert "synthetic: 100 images: 100 stored" in out.getvalue()
+    cohort = Cohort.objects.get(name="synthetic-screening")
+    assert cohort.studies.count() == 25
+    assert all(study.patient.is_synthetic for study in cohort.studies.select_related("patient"))
+    assert not Cohort.objects.filter(name__in=["mias", "cbis", "nih-cxr"]).exists()
