@@ -19,7 +19,7 @@ setup: $(STAMP)
 ## The demo: migrate the embedded database, create the demo login, load demo data, serve.
 run: setup
 	$(PY) manage.py migrate --noinput
-	$(PY) manage.py load_demo $(if $(DATA),--data $(DATA))
+	$(PY) manage.py load_demo --url http://$(HOST):$(PORT) $(if $(DATA),--data $(DATA))
 	$(PY) manage.py runserver $(HOST):$(PORT)
 
 ## The tests (pytest-django on real PostgreSQL: embedded by default, DATABASE_URL honoured).

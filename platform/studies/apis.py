@@ -212,7 +212,8 @@ class StudyDetailApi(ApiView):
 
 
 class InstanceUploadApi(ApiView):
-    """POST /api/v1/instances/: multipart, one or more fields named `file`.
+    """POST /api/v1/instances/: multipart, one or more fields named `file`, or one
+    DICOM file as an `application/dicom` body (name it with an X-Filename header).
 
     Answers one entry per file: 201 stored, 200 duplicate, 4xx rejected with a one-line
     `error`. The response is 201 when every file was stored or a duplicate (200 when all
@@ -235,12 +236,20 @@ class InstanceUploadApi(ApiView):
                 f"request of {length} bytes is over the upload limit of {limit} bytes",
                 status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
             )
-        files = request.FILES.getlist("file")
-        if not files:
-            return error_response(
-                "no files: send one or more multipart fields named 'file'", status.HTTP_400_BAD_REQUEST
-            )
-        results = [services.instance_ingest(source=upload, name=upload.name) for upload in files]
+        if request.content_type.split(";")[0].strip().lower() == "application/dicom":
+            # One Part 10 file as the whole body (as Orthanc's POST /instances takes
+            # it): streamed into the store without multipart parsing or a second copy.
+            if length == 0:
+                return error_response("empty body: send a DICOM file", status.HTTP_400_BAD_REQUEST)
+            results = [services.instance_ingest(source=request.stream, name=request.headers.get("X-Filename", ""))]
+        else:
+            files = request.FILES.getlist("file")
+            if not files:
+                return error_response(
+                    "no files: send one or more multipart fields named 'file', or one application/dicom body",
+                    status.HTTP_400_BAD_REQUEST,
+                )
+            results = [services.instance_ingest(source=upload, name=upload.name) for upload in files]
         counts = {outcome: sum(r.outcome == outcome for r in results) for outcome in Outcome}
         body = {
             "stored": counts[Outcome.STORED],

@@ -125,11 +125,6 @@ def read_header(path: Path | str, *, verify_pixels: bool = True) -> tuple[Datase
     _read_notes.messages = []
     try:
         ds = read_dataset(path)
-        # Convert every top-level element now so malformed values surface here, not
-        # later in a page; pixel data stays deferred on disk.
-        for elem in ds:
-            if elem.keyword not in PIXEL_KEYWORDS:
-                _ = elem.value
     except InvalidDicomError:
         raise NotDicom(_explain_not_dicom(path)) from None
     except (EOFError, OSError) as exc:
@@ -242,7 +237,7 @@ def _pixel_module(ds: Dataset, transfer_syntax: str, path: Path, verify: bool) -
                 _verify_decodes(path, ts)
         else:
             expected = get_expected_length(ds, "bytes")
-            actual = len(ds.PixelData)
+            actual = _stored_length(ds, "PixelData", path.stat().st_size)
             if actual < expected:
                 raise PixelDataError(
                     f"Pixel Data is {actual} bytes, but Rows×Columns×Frames×Samples×BitsAllocated needs {expected}"
@@ -257,6 +252,16 @@ def _pixel_module(ds: Dataset, transfer_syntax: str, path: Path, verify: bool) -
         "bits_stored": _int(ds, "BitsStored") or values["BitsAllocated"],
         "photometric_interpretation": photometric,
     }
+
+
+def _stored_length(ds: Dataset, keyword: str, file_size: int) -> int:
+    """Bytes of an element's value actually in the file, without reading a deferred
+    value from disk: the declared length, cut short where the file ends early."""
+    element = ds.get_item(keyword)
+    length, offset = getattr(element, "length", None), getattr(element, "value_tell", None)
+    if length is None or offset is None or length == 0xFFFFFFFF:
+        return len(ds[keyword].value or b"")
+    return max(0, min(length, file_size - offset))
 
 
 def _frame_array(path: Path | str, index: int | None) -> np.ndarray:
@@ -374,17 +379,15 @@ def decode_frame(path: Path | str, ds: Dataset, frame: int = 1) -> np.ndarray:
         raise RenderError(f"frame {frame} is out of range 1..{frames}")
     try:
         arr = _frame_array(path, frame - 1 if frames > 1 else None)
-    except Exception as exc:
+        photometric = _text(ds, "PhotometricInterpretation", 32).upper()
+        if photometric == "PALETTE COLOR":
+            return _to_uint8_rgb(apply_color_lut(arr, ds), _palette_bits(ds))
+        if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+            # pydicom already converted YBR to RGB.
+            return _to_uint8_rgb(arr[..., :3], _int(ds, "BitsStored") or 8)
+        return apply_modality_lut(arr, ds).astype(np.float32, copy=False)
+    except Exception as exc:  # a decoder or a malformed LUT: the image cannot be shown
         raise RenderError(f"pixel data cannot be decoded: {_first_line(exc)}") from None
-
-    photometric = _text(ds, "PhotometricInterpretation", 32).upper()
-    if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, ds)
-        return _to_uint8_rgb(rgb, _palette_bits(ds))
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        # pydicom already converted YBR to RGB.
-        return _to_uint8_rgb(arr[..., :3], _int(ds, "BitsStored") or 8)
-    return apply_modality_lut(arr, ds).astype(np.float32, copy=False)
 
 
 def _palette_bits(ds: Dataset) -> int:

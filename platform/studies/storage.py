@@ -34,6 +34,22 @@ class Spooled:
         self.path.unlink(missing_ok=True)
 
 
+class _Prefixed:
+    """A read-only stream: `head`, then the rest of `stream`."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data + (self.stream.read(size - len(data)) if size > len(data) else b"")
+
+
 class DicomStore:
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = Path(root)
@@ -55,13 +71,10 @@ class DicomStore:
                 raise NotDicom(f"cannot read the file: {exc.strerror or exc}") from None
         try:
             head = source.read(2)
-            stream: BinaryIO = source
-            rest = head
             if head == GZIP_MAGIC:
-                source.seek(0)
-                stream = gzip.GzipFile(fileobj=source, mode="rb")
-                rest = b""
-            return self._copy(stream, rest, max_bytes)
+                # Request bodies cannot seek back: hand gzip the two bytes we peeked at.
+                return self._copy(gzip.GzipFile(fileobj=_Prefixed(head, source), mode="rb"), b"", max_bytes)
+            return self._copy(source, head, max_bytes)
         finally:
             if opened is not None:
                 opened.close()

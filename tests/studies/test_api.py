@@ -307,3 +307,29 @@ def test_instance_detail(api, dicom_files):
     body = api.get(f"/api/v1/instances/{instance.sop_instance_uid}/").json()
     assert body["modality"] == "CT" and body["study_instance_uid"] == instance.series.study.study_instance_uid
     assert body["sha256"] == instance.sha256
+
+
+def test_raw_dicom_body_is_stored(api, dicom_files, precedent_home):
+    data = (dicom_files / CT).read_bytes()
+    response = api.generic(
+        "POST", "/api/v1/instances/", data, content_type="application/dicom", HTTP_X_FILENAME="ct.dcm"
+    )
+    assert response.status_code == 201
+    entry = response.json()["results"][0]
+    assert entry["file"] == "ct.dcm" and entry["outcome"] == "stored"
+    assert (precedent_home / Instance.objects.get().file_path).read_bytes() == data
+
+
+def test_raw_gzip_body_is_unwrapped(api, dicom_files):
+    data = (dicom_files / "pydicom-test_files/zipMR.gz").read_bytes()
+    response = api.generic("POST", "/api/v1/instances/", data, content_type="application/dicom")
+    assert response.status_code == 201
+    assert Instance.objects.get().series.modality == "MR"
+
+
+def test_raw_body_errors(api):
+    assert api.generic("POST", "/api/v1/instances/", b"", content_type="application/dicom").status_code == 400
+    response = api.generic("POST", "/api/v1/instances/", b"not dicom" * 50, content_type="application/dicom")
+    assert response.status_code == 400 and "not a DICOM Part 10 file" in response.json()["error"]
+    response = api.generic("POST", "/api/v1/instances/", b'{"a": 1}', content_type="application/json")
+    assert response.status_code == 415 and "error" in response.json()

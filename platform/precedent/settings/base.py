@@ -92,7 +92,7 @@ TEMPLATES = [
 # runs under PRECEDENT_HOME and starts with the first connection.
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
     if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
         raise ImproperlyConfigured("DATABASE_URL must point at PostgreSQL (postgres://...)")
 else:
@@ -102,6 +102,9 @@ else:
             "NAME": "precedent",
             "USER": "postgres",
             "OPTIONS": {"pgdata": str(PRECEDENT_HOME / "postgres"), "main_database": "precedent"},
+            # Opening a connection costs ~3.6 ms here, as much as storing a CT slice.
+            "CONN_MAX_AGE": 60,
+            "CONN_HEALTH_CHECKS": True,
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -46,6 +46,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--synthetic", action="store_true", help="also generate the synthetic cohort when real data is found"
         )
+        parser.add_argument("--url", default="http://127.0.0.1:8000", help="where the server will listen (printed)")
 
     def handle(self, *args: Any, **options: Any) -> None:
         _require_migrated()
@@ -53,7 +54,7 @@ class Command(BaseCommand):
         found = [name for name, (_, _, folder) in FOLDER_DATASETS.items() if data and (data / folder).is_dir()]
         if options["data"] and not found:
             raise CommandError(f"{data} holds none of: {', '.join(f for _, _, f in FOLDER_DATASETS.values())}")
-        password_line = _demo_login()
+        password_line = _demo_login(options["url"])
 
         self._pydicom_test_files()
         for name in found:
@@ -100,7 +101,7 @@ def _data_root(given: Path | None) -> Path | None:
     return default if default.is_dir() else None
 
 
-def _demo_login() -> str:
+def _demo_login(url: str) -> str:
     """Make sure the demo user exists; return the line that tells how to log in.
 
     The password is generated once and kept in PRECEDENT_HOME (which also holds the
@@ -116,10 +117,10 @@ def _demo_login() -> str:
         user_model.objects.create_superuser(username=DEMO_USERNAME, email="", password=password)
     elif not password or not user.check_password(password):
         # Someone set this user up or changed its password: leave it as it is.
-        return f"Log in at http://127.0.0.1:8000 as {DEMO_USERNAME} (its password was set outside load_demo)"
+        return f"Log in at {url} as {DEMO_USERNAME} (its password was set outside load_demo)"
     if len(lines) < 2:
         # Created readable by the owner only, before the password is written into it.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(f"{DEMO_USERNAME}\n{password}\n")
-    return f"Log in at http://127.0.0.1:8000 as {DEMO_USERNAME} / {password}"
+    return f"Log in at {url} as {DEMO_USERNAME} / {password}"
