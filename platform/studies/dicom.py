@@ -38,6 +38,9 @@ _UID_LOOSE_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # warning plus a log record. Warnings are process-global and not thread-safe to catch,
 # so collect the log records per thread instead, and keep the warnings quiet.
 warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+# Reading-time value validation only warns (and costs a third of header parsing); the
+# values we rely on are checked here, strictly (UIDs, pixel-module integers).
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 _read_notes = threading.local()
 
 
