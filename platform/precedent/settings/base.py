@@ -12,7 +12,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import env_bool, env_int, env_list, env_str
+from .env import env_bool, env_float, env_int, env_list, env_str
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -141,6 +141,27 @@ PRECEDENT_MAX_UPLOAD_BYTES = env_int("PRECEDENT_MAX_UPLOAD_BYTES", 1024**3, mini
 # fsync each stored DICOM file before its row commits (durability over speed).
 PRECEDENT_FSYNC = env_bool("PRECEDENT_FSYNC", True)
 
+# Background jobs (embedding, triage): "thread" runs them in an in-process worker
+# (nothing to start), "celery" sends them to Celery (the default once a broker is
+# configured), "inline" runs them in the caller once its transaction commits.
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL")
+PRECEDENT_WORKER = env_str("PRECEDENT_WORKER") or ("celery" if CELERY_BROKER_URL else "thread")
+if PRECEDENT_WORKER not in {"thread", "celery", "inline"}:
+    raise ImproperlyConfigured(f"PRECEDENT_WORKER must be thread, celery or inline, got {PRECEDENT_WORKER!r}")
+if PRECEDENT_WORKER == "celery" and not CELERY_BROKER_URL:
+    raise ImproperlyConfigured("PRECEDENT_WORKER=celery needs CELERY_BROKER_URL")
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+
+# Similar-case search: the FAISS index type ("auto": exact up to the threshold, then
+# approximate), and the number of vectors above which "auto" goes approximate.
+PRECEDENT_INDEX_TYPE = env_str("PRECEDENT_INDEX_TYPE", "auto")
+if PRECEDENT_INDEX_TYPE not in {"auto", "flat", "hnsw", "ivf"}:
+    raise ImproperlyConfigured(f"PRECEDENT_INDEX_TYPE must be auto, flat, hnsw or ivf, got {PRECEDENT_INDEX_TYPE!r}")
+PRECEDENT_INDEX_APPROX_THRESHOLD = env_int("PRECEDENT_INDEX_APPROX_THRESHOLD", 20_000, minimum=0)
+# How often a process checks PostgreSQL for embeddings other processes added or deleted.
+PRECEDENT_INDEX_SYNC_SECONDS = env_float("PRECEDENT_INDEX_SYNC_SECONDS", 1.0, minimum=0)
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
@@ -158,5 +179,5 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("PRECEDENT_LOG_LEVEL", "INFO")},
-    "loggers": {"pgserver": {"level": "WARNING"}},
+    "loggers": {"pgserver": {"level": "WARNING"}, "faiss.loader": {"level": "WARNING"}},
 }
