@@ -6,3 +6,7 @@ class EmbeddingsConfig(AppConfig):
 
     name = "embeddings"
     verbose_name = "Embeddings and similar-case search"
+
+    def ready(self) -> None:
+        # Registers the signal receivers and the background jobs.
+        from . import receivers, services  # noqa: F401

@@ -23,6 +23,14 @@ def precedent_home(settings, tmp_path: Path) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def empty_cache():
+    """Cached menus and the like must not leak from one test's database into the next."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 @pytest.fixture(scope="session")
 def datasets() -> Path:
     """../shared/datasets (or PRECEDENT_DATASETS): real files, read in place, never copied."""

@@ -24,6 +24,7 @@ from . import dicom
 from .dicom import DicomHeader, Window
 from .errors import IngestError, InstanceConflict
 from .models import Cohort, CohortMembership, Finding, Instance, Patient, Series, Study
+from .signals import instance_stored
 from .storage import DicomStore, Spooled
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ def instance_ingest(*, source: BinaryIO | Path, name: str = "") -> IngestResult:
     finally:
         spooled.discard()
     log.debug("%s %s from %s", outcome, header.sop_instance_uid, name)
+    if outcome == Outcome.STORED:
+        # Immediately when not in an outer transaction; otherwise once that commits.
+        transaction.on_commit(lambda: instance_stored.send(sender=Instance, instance=instance))
     return _result(name, outcome, 201 if outcome == Outcome.STORED else 200, instance, header)
 
 

@@ -2,9 +2,13 @@
 
 from django.db import transaction
 from django.db.models.signals import post_delete
-from django.dispatch import receiver
+from django.dispatch import Signal, receiver
 
 from .models import Instance
+
+# Sent once a newly stored instance has committed (not for duplicates), with
+# `instance`. Embedding and triage listen to it to process new images in the background.
+instance_stored = Signal()
 
 
 @receiver(post_delete, sender=Instance)

@@ -19,8 +19,9 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.db import connection
 
+from precedent.db import connection_url
 from studies import bench, dicom
-from studies.management.commands.bench_ingest import ORTHANC_BINARY, _database_url
+from studies.management.commands.bench_ingest import ORTHANC_BINARY
 from studies.models import Instance, Patient, Study
 
 
@@ -92,7 +93,7 @@ def test_figures_and_table():
 
 
 def test_database_url_points_at_this_database(db):
-    parsed = dj_database_url.parse(_database_url())
+    parsed = dj_database_url.parse(connection_url())
     params = connection.get_connection_params()
     assert parsed["NAME"] == connection.settings_dict["NAME"]
     assert (parsed["HOST"] or parsed["OPTIONS"].get("host")) == params["host"]

@@ -31,7 +31,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -40,6 +39,7 @@ from django.db import connection
 from rest_framework.authtoken.models import Token
 from tqdm import tqdm
 
+from precedent.db import connection_url
 from precedent.paths import REPO_ROOT
 from studies import bench, services
 from studies.bench import BenchFile, Figures, ImageKind
@@ -313,7 +313,7 @@ class Command(BaseCommand):
             "DJANGO_SETTINGS_MODULE": "precedent.settings.dev",
             "DJANGO_DEBUG": "false",
             "PRECEDENT_HOME": str(settings.PRECEDENT_HOME),
-            "DATABASE_URL": _database_url(),
+            "DATABASE_URL": connection_url(),
             "PRECEDENT_FSYNC": "true" if settings.PRECEDENT_FSYNC else "false",
             "PRECEDENT_MAX_UPLOAD_BYTES": str(settings.PRECEDENT_MAX_UPLOAD_BYTES),
             "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
@@ -400,29 +400,6 @@ class Command(BaseCommand):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"conditions": conditions, "results": [f.as_dict() for f in rows]}, indent=2))
         self.stdout.write(f"figures written to {out}")
-
-
-def _database_url() -> str:
-    """A postgres:// URL for the database this process is connected to.
-
-    The embedded server listens on a Unix socket whose folder may hold capitals, which
-    a URL's host part would lower-case, so a socket folder goes in the `host` option.
-    """
-    params = connection.get_connection_params()
-    user = quote(params.get("user") or "", safe="")
-    password = params.get("password")
-    auth = f"{user}:{quote(password, safe='')}@" if password else (f"{user}@" if user else "")
-    host = str(params.get("host") or "")
-    query: dict[str, str] = {}
-    if host.startswith("/"):
-        query["host"] = host
-        host = ""
-    port = params.get("port")
-    netloc = f"{auth}{host}{f':{port}' if port and host else ''}"
-    if port and not host:
-        query["port"] = str(port)
-    url = f"postgresql://{netloc}/{quote(params['dbname'], safe='')}"
-    return f"{url}?{urlencode(query)}" if query else url
 
 
 def _cleanup(*, patient_prefix: str, user_prefix: str | None, user: Any = None) -> dict[str, int]:

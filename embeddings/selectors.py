@@ -1,0 +1,305 @@
+"""Similar-case search: a query (an instance, a box on it, or an uploaded image) →
+the most similar prior images or lesions, with their known outcomes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from django.db.models import Q, QuerySet
+
+from studies.models import Finding, Instance
+
+from . import encoder as enc
+from . import services
+from .models import Embedding, EncoderVersion
+
+Kind = Embedding.Kind
+MAX_K = 100
+
+
+class SearchError(ValueError):
+    """A query that cannot be answered as asked (bad box, undecodable image)."""
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    modality: str = ""
+    body_part: str = ""
+    laterality: str = ""
+    view_position: str = ""
+    finding_class: str = ""
+    pathology: str = ""
+    date_from: dt.date | None = None
+    date_to: dt.date | None = None
+    cohort: str = ""
+    exclude_same_patient: bool = True
+
+    def narrows(self) -> bool:
+        """Whether any filter beyond excluding the query's own patient is set."""
+        return any(
+            getattr(self, name)
+            for name in (
+                "modality",
+                "body_part",
+                "laterality",
+                "view_position",
+                "finding_class",
+                "pathology",
+                "date_from",
+                "date_to",
+                "cohort",
+            )
+        )
+
+    def apply(self, qs: QuerySet[Embedding]) -> QuerySet[Embedding]:
+        series = "instance__series__"
+        study = series + "study__"
+        if self.modality:
+            qs = qs.filter(**{series + "modality": self.modality.upper()})
+        if self.body_part:
+            qs = qs.filter(**{series + "body_part": self.body_part.upper()})
+        if self.laterality:
+            qs = qs.filter(instance__laterality=self.laterality.upper())
+        if self.view_position:
+            qs = qs.filter(instance__view_position=self.view_position.upper())
+        if self.date_from:
+            qs = qs.filter(**{study + "study_date__gte": self.date_from})
+        if self.date_to:
+            qs = qs.filter(**{study + "study_date__lte": self.date_to})
+        if self.cohort:
+            qs = qs.filter(**{study + "cohorts__name": self.cohort})
+        if self.finding_class or self.pathology:
+            # A region hit is judged by its own finding; an image hit by any of its findings.
+            finding = Q()
+            if self.finding_class:
+                finding &= Q(abnormality_class__iexact=self.finding_class)
+            if self.pathology:
+                finding &= Q(pathology=self.pathology)
+            matching = Finding.objects.filter(finding)
+            qs = qs.filter(
+                Q(kind=Kind.REGION, finding__in=matching) | Q(kind=Kind.IMAGE, instance__findings__in=matching)
+            )
+        return qs.distinct()
+
+
+@dataclass
+class Hit:
+    embedding_id: int
+    rank: int
+    score: float
+    kind: str
+    instance: Instance
+    box: list[float] | None
+    finding: Finding | None
+
+    @property
+    def study(self):
+        return self.instance.series.study
+
+
+@dataclass
+class SearchResults:
+    status: str  # "ok", or why there are no results: "no_encoder", "no_index", "empty_index"
+    message: str
+    encoder: str = ""
+    kind: str = Kind.IMAGE
+    k: int = 10
+    hits: list[Hit] = field(default_factory=list)
+    query: dict[str, Any] = field(default_factory=dict)
+
+
+def similar_cases(
+    *,
+    instance: Instance | None = None,
+    box: tuple[float, float, float, float] | None = None,
+    image: np.ndarray | None = None,
+    vector: np.ndarray | None = None,
+    monochrome1: bool = False,
+    k: int = 10,
+    filters: SearchFilters | None = None,
+    kind: str | None = None,
+    encoder: EncoderVersion | None = None,
+) -> SearchResults:
+    """The k most similar images (or, for a box query, lesions) to the query.
+
+    Query with a stored `instance` (whole image, or a `box` on it in image pixels),
+    with a decoded `image` (an upload), or with a `vector` the caller embedded with
+    the same encoder. `kind` chooses what to search: whole images or finding regions
+    (default: regions for a box, images otherwise). `encoder` defaults to the active
+    version. Filters restrict the candidates; the query's own patient is left out
+    unless asked. Never fewer than k results when k candidates pass the filters.
+    """
+    filters = filters or SearchFilters()
+    if not 1 <= k <= MAX_K:
+        raise SearchError(f"k must be between 1 and {MAX_K}")
+    if sum(q is not None for q in (instance, image, vector)) != 1:
+        raise SearchError("give one of an instance, an image or a vector to search with")
+    kind = kind or (Kind.REGION if box is not None else Kind.IMAGE)
+    if kind not in Kind.values:
+        raise SearchError(f"kind must be one of {', '.join(Kind.values)}")
+    if box is not None:
+        if vector is not None:
+            raise SearchError("a box needs an image or an instance, not a vector")
+        box = _checked_box(box, instance, image)
+
+    encoder = encoder or services.active_encoder()
+    query = {"sop_instance_uid": instance.sop_instance_uid if instance else None, "box": list(box) if box else None}
+    if encoder is None:
+        return SearchResults("no_encoder", "no encoder is active yet: train one with `manage.py train_encoder`",
+                             kind=kind, k=k, query=query)  # fmt: skip
+    index = services.serving_index(encoder, kind)
+    base = dict(encoder=encoder.name, kind=kind, k=k, query=query)
+    if len(index) == 0:
+        return SearchResults("empty_index", f"no {kind} embeddings yet for encoder {encoder.name}", **base)
+
+    if vector is not None:
+        vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        if vector.shape[1] != encoder.dim:
+            raise SearchError(f"vector has {vector.shape[1]} values; encoder {encoder.name} makes {encoder.dim}")
+    else:
+        vector = _query_vector(encoder, instance, box, image, monochrome1)
+    candidates = Embedding.objects.filter(encoder=encoder, kind=kind)
+    allowed = exclude = None
+    if filters.narrows():
+        allowed = np.fromiter(filters.apply(candidates).values_list("id", flat=True), dtype=np.int64)
+    if filters.exclude_same_patient and instance is not None:
+        patient = instance.series.study.patient_id
+        exclude = np.fromiter(
+            candidates.filter(instance__series__study__patient_id=patient).values_list("id", flat=True),
+            dtype=np.int64,
+        )
+    elif instance is not None and box is None:
+        # Without a patient exclusion the query's own image would come first.
+        exclude = np.fromiter(candidates.filter(instance=instance).values_list("id", flat=True), dtype=np.int64)
+    if allowed is not None and len(allowed) == 0:
+        return SearchResults("ok", "no images pass the filters", **base)
+    scores, ids = index.search(vector, k, allowed_ids=allowed, exclude_ids=exclude)
+    return SearchResults("ok", "", hits=_hits(scores[0], ids[0]), **base)
+
+
+def _checked_box(box, instance: Instance | None, image: np.ndarray | None) -> tuple[float, float, float, float]:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise SearchError("box must be four numbers [x0, y0, x1, y1] in image pixels") from None
+    rows, columns = (instance.rows, instance.columns) if instance is not None else image.shape[:2]
+    if not (rows and columns):
+        raise SearchError("the query image has no pixel size")
+    if x1 <= x0 or y1 <= y0:
+        raise SearchError("box has zero area: x1 must exceed x0 and y1 exceed y0")
+    if x0 < 0 or y0 < 0 or x1 > columns or y1 > rows:
+        raise SearchError(f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] is outside the {columns}×{rows} image")
+    return x0, y0, x1, y1
+
+
+def _query_vector(encoder: EncoderVersion, instance, box, image, monochrome1) -> np.ndarray:
+    if instance is not None and box is None:
+        stored = Embedding.objects.filter(encoder=encoder, kind=Kind.IMAGE, instance=instance).first()
+        if stored is not None:
+            return stored.as_array()[None, :]
+    model, meta = services.loaded_encoder(encoder)
+    if instance is not None:
+        if not instance.is_previewable:
+            raise SearchError(f"instance {instance.sop_instance_uid} has no image to search with")
+        try:
+            picture = services.instance_picture(instance, services.representative_frame(instance))
+        except Exception as exc:  # RenderError: the stored pixels cannot be decoded
+            raise SearchError(str(exc)) from None
+        image, monochrome1 = picture.pixels, picture.monochrome1
+    tensor = enc.preprocess(image, meta.preprocessing, box, monochrome1=monochrome1)
+    return enc.embed_batch(model, [tensor])
+
+
+def _hits(scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+    found = [(float(s), int(i)) for s, i in zip(scores, ids, strict=True) if i >= 0]
+    rows = (
+        Embedding.objects.select_related("instance__series__study__patient", "finding")
+        .prefetch_related("instance__findings")
+        .defer("vector")
+    )
+    by_id = rows.in_bulk([i for _, i in found])
+    hits = []
+    for rank, (score, embedding_id) in enumerate(found, start=1):
+        embedding = by_id.get(embedding_id)
+        if embedding is None:  # deleted since the index last caught up
+            continue
+        hits.append(
+            Hit(embedding_id, rank, score, embedding.kind, embedding.instance, embedding.box, embedding.finding)
+        )
+    return hits
+
+
+LABELS = ("abnormal", "pathology", "abnormality_class")
+_PATHOLOGY_ORDER = ["malignant", "benign", "unknown", "normal"]
+
+
+def image_label(findings: list[Finding], label: str) -> str | None:
+    """One image's ground truth for evaluation and supervised training.
+
+    abnormal: "abnormal" / "normal"; pathology: the worst of malignant > benign >
+    unknown > normal; abnormality_class: the class of its first lesion, or "normal".
+    None when the image has no ground truth at all.
+    """
+    if label not in LABELS:
+        raise ValueError(f"label must be one of {', '.join(LABELS)}")
+    if not findings:
+        return None
+    lesions = sorted((f for f in findings if f.pathology != Finding.Pathology.NORMAL), key=lambda f: f.pk)
+    if label == "abnormal":
+        return "abnormal" if lesions else "normal"
+    if label == "pathology":
+        present = {f.pathology for f in findings}
+        return next(p for p in _PATHOLOGY_ORDER if p in present)
+    return (lesions[0].abnormality_class or "abnormal") if lesions else "normal"
+
+
+@dataclass
+class LabelledImage:
+    instance: Instance
+    label: str | None
+    patient_id: int
+
+
+def cohort_images(cohort: str, label: str = "abnormal") -> list[LabelledImage]:
+    """The cohort's images with pixels, each with its label and its patient."""
+    instances = (
+        Instance.objects.filter(series__study__cohorts__name=cohort, has_pixel_data=True, rows__isnull=False)
+        .select_related("series__study")
+        .prefetch_related("findings")
+        .order_by("pk")
+        .distinct()
+    )
+    return [LabelledImage(i, image_label(list(i.findings.all()), label), i.series.study.patient_id) for i in instances]
+
+
+FILTER_VALUES_CACHE_SECONDS = 300
+
+
+def search_filter_values() -> dict[str, list[str]]:
+    """The values each search filter can take in this archive, for menus.
+
+    DISTINCT over every instance is a full scan at a million images, so the answer
+    is cached for a few minutes: a new modality appears in the menus a little later.
+    """
+    from django.core.cache import cache
+
+    from studies import selectors as study_selectors
+    from studies.models import Cohort, Series
+
+    def distinct(qs, name: str) -> list[str]:
+        return list(qs.exclude(**{name: ""}).order_by(name).values_list(name, flat=True).distinct())
+
+    def compute() -> dict[str, list[str]]:
+        return {
+            "modality": study_selectors.study_modalities(),
+            "body_part": distinct(Series.objects, "body_part"),
+            "laterality": distinct(Instance.objects, "laterality"),
+            "view_position": distinct(Instance.objects, "view_position"),
+            "finding_class": distinct(Finding.objects, "abnormality_class"),
+            "cohort": list(Cohort.objects.order_by("name").values_list("name", flat=True)),
+        }
+
+    return cache.get_or_set("search-filter-values", compute, FILTER_VALUES_CACHE_SECONDS)

@@ -1,0 +1,567 @@
+"""Encoders, the embedding pipeline and the serving indexes.
+
+- Encoder versions: register a weights file, activate it (the archive is re-embedded
+  in the background; search keeps serving the old version until the new index is
+  complete).
+- Embedding: new instances and new finding boxes are embedded by a background job;
+  Embedding rows in PostgreSQL are the source of truth.
+- Indexes: each process keeps one `VectorIndex` per (active encoder, kind), loaded
+  from PRECEDENT_HOME/index (checked against PostgreSQL, rebuilt if missing or stale)
+  and caught up incrementally with new embeddings and tombstones before each search.
+"""
+
+from __future__ import annotations
+
+# faiss before torch: two OpenMP runtimes in one process can crash it (DESIGN.md).
+from embeddings import index as vector_index  # isort: skip
+
+import functools
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Exists, OuterRef
+from django.utils import timezone
+
+from precedent.tasks import enqueue, job
+from studies import dicom
+from studies.errors import RenderError
+from studies.models import Finding, Instance
+from studies.services import dicom_store
+
+from . import encoder as enc
+from .models import Embedding, EmbeddingTombstone, EncoderVersion
+
+log = logging.getLogger(__name__)
+Kind = Embedding.Kind
+
+
+# --- encoder versions -----------------------------------------------------------------
+
+
+def models_dir() -> Path:
+    path = Path(settings.PRECEDENT_HOME) / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def encoder_register(*, path: Path, name: str = "") -> EncoderVersion:
+    """Make a weights file an EncoderVersion (status "ready"), copying it under
+    PRECEDENT_HOME/models. Raises EncoderFileError for a file of another format."""
+    _model, meta = enc.load_encoder(path)
+    name = name or f"{meta.architecture}-d{meta.dim}-{meta.state_sha256[:8]}"
+    existing = EncoderVersion.objects.filter(name=name).first()
+    if existing is not None:
+        if existing.weights_sha256 != meta.state_sha256:
+            raise ValueError(f"an encoder named {name!r} exists with other weights")
+        return existing
+    target = models_dir() / f"{name}.pt"
+    if Path(path).resolve() != target.resolve():
+        shutil.copyfile(path, target)
+    training = meta.training
+    return EncoderVersion.objects.create(
+        name=name,
+        architecture=meta.architecture,
+        dim=meta.dim,
+        input_size=meta.preprocessing.input_size,
+        weights_path=str(target.relative_to(settings.PRECEDENT_HOME)),
+        weights_sha256=meta.state_sha256,
+        metadata={
+            "cohort": training.cohort,
+            "trained_at": training.trained_at,
+            "epochs": training.epochs,
+            "loss_history": training.loss_history,
+            "metrics": training.metrics,
+            "settings": training.settings,
+            "init_weights": training.init_weights,
+            "preprocessing": meta.preprocessing.to_dict(),
+            "torch_version": meta.torch_version,
+        },
+    )
+
+
+def active_encoder() -> EncoderVersion | None:
+    return EncoderVersion.objects.filter(status=EncoderVersion.Status.ACTIVE).first()
+
+
+def encoder_activate(*, encoder: EncoderVersion, wait: bool = False) -> None:
+    """Start serving `encoder`. With no active version it serves at once (and embeds
+    the archive in the background); otherwise it is marked "activating", the archive
+    is embedded with it in the background, and it takes over only when its index is
+    complete. `wait` runs that work in the caller (commands)."""
+    if encoder.status == EncoderVersion.Status.ACTIVE:
+        return
+    with transaction.atomic():
+        if active_encoder() is None:
+            encoder.status = EncoderVersion.Status.ACTIVE
+            encoder.activated_at = timezone.now()
+        else:
+            encoder.status = EncoderVersion.Status.ACTIVATING
+        encoder.save(update_fields=["status", "activated_at"])
+    if wait:
+        finish_activation(encoder_id=encoder.pk)
+    else:
+        enqueue("embeddings.finish_activation", encoder_id=encoder.pk)
+
+
+@job("embeddings.finish_activation")
+def finish_activation(*, encoder_id: int) -> None:
+    """Embed everything with the encoder, build its indexes, then make it the active one."""
+    encoder = EncoderVersion.objects.get(pk=encoder_id)
+    embed_pending(encoder=encoder)
+    for kind in Kind.values:
+        serving_index(encoder, kind, save=True)
+    with transaction.atomic():
+        encoder = EncoderVersion.objects.select_for_update().get(pk=encoder_id)
+        if encoder.status == EncoderVersion.Status.ACTIVE:
+            return
+        EncoderVersion.objects.filter(status=EncoderVersion.Status.ACTIVE).update(status=EncoderVersion.Status.RETIRED)
+        encoder.status = EncoderVersion.Status.ACTIVE
+        encoder.activated_at = timezone.now()
+        encoder.save(update_fields=["status", "activated_at"])
+    log.info("encoder %s is now active", encoder.name)
+
+
+def embedding_encoders() -> list[EncoderVersion]:
+    """The versions new images are embedded with: the active one and any activating."""
+    return list(
+        EncoderVersion.objects.filter(
+            status__in=[EncoderVersion.Status.ACTIVE, EncoderVersion.Status.ACTIVATING]
+        ).order_by("pk")
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded(name: str, weights_path: str) -> tuple[enc.BaseEncoder, enc.EncoderMeta]:
+    model, meta = enc.load_encoder(Path(settings.PRECEDENT_HOME) / weights_path)
+    return model.eval(), meta
+
+
+def loaded_encoder(encoder: EncoderVersion) -> tuple[enc.BaseEncoder, enc.EncoderMeta]:
+    """The encoder's model, loaded once per process."""
+    return _loaded(encoder.name, encoder.weights_path)
+
+
+# --- decoding images for the encoder --------------------------------------------------
+
+
+@dataclass
+class Picture:
+    """One decoded frame, ready to be cropped and preprocessed."""
+
+    instance_id: int
+    pixels: np.ndarray
+    monochrome1: bool
+
+
+def instance_picture(instance: Instance, frame: int = 1) -> Picture:
+    """Decode one frame of a stored instance. Raises RenderError when it cannot."""
+    path = dicom_store().path(instance.file_path)
+    header = dicom.read_dataset(path, stop_before_pixels=True)
+    pixels = dicom.decode_frame(path, header, frame)
+    return Picture(instance.pk, pixels, instance.photometric_interpretation == "MONOCHROME1")
+
+
+def picture_from_upload(upload) -> Picture:
+    """An uploaded query image: DICOM (any transfer syntax we ingest), PNG or JPEG.
+    Raises SearchError with the reason when it cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    from studies.errors import IngestError
+
+    from .selectors import SearchError
+
+    store = dicom_store()
+    try:
+        spooled = store.spool(upload, max_bytes=settings.PRECEDENT_MAX_UPLOAD_BYTES)
+    except IngestError as exc:
+        raise SearchError(str(exc)) from None
+    try:
+        with spooled.path.open("rb") as fh:
+            head = fh.read(132)
+        if head[128:132] == b"DICM":
+            try:
+                _, header = dicom.read_header(spooled.path)
+                if not header.has_pixel_data:
+                    raise SearchError("the DICOM file has no pixel data")
+                ds = dicom.read_dataset(spooled.path, stop_before_pixels=True)
+                pixels = dicom.decode_frame(spooled.path, ds, (header.number_of_frames + 1) // 2)
+            except (IngestError, RenderError) as exc:
+                raise SearchError(f"cannot use this DICOM file: {exc}") from None
+            return Picture(0, pixels, header.photometric_interpretation == "MONOCHROME1")
+        try:
+            with Image.open(spooled.path) as picture:
+                if picture.format not in ("PNG", "JPEG"):
+                    raise SearchError(f"upload a DICOM, PNG or JPEG image, not {picture.format}")
+                pixels = np.asarray(picture.convert("RGB" if picture.mode in ("RGB", "RGBA", "P") else "F"))
+        except (UnidentifiedImageError, OSError):
+            raise SearchError("cannot decode the upload: send a DICOM, PNG or JPEG image") from None
+        return Picture(0, pixels, False)
+    finally:
+        spooled.discard()
+
+
+def feedback_record(
+    *,
+    user,
+    result_sop_instance_uid: str,
+    rank: int,
+    score: float,
+    relevant: bool,
+    query_sop_instance_uid: str = "",
+    query_box: list[float] | None = None,
+    result_box: list[float] | None = None,
+):
+    """Store a "relevant / not relevant" verdict. Raises Instance.DoesNotExist."""
+    from .models import SearchFeedback
+
+    result = Instance.objects.get(sop_instance_uid=result_sop_instance_uid)
+    query = Instance.objects.get(sop_instance_uid=query_sop_instance_uid) if query_sop_instance_uid else None
+    return SearchFeedback.objects.create(
+        user=user,
+        encoder=active_encoder(),
+        query_instance=query,
+        query_box=query_box,
+        result_instance=result,
+        result_box=result_box,
+        rank=rank,
+        score=score,
+        relevant=relevant,
+    )
+
+
+def representative_frame(instance: Instance) -> int:
+    # The middle of a multi-frame acquisition shows the anatomy better than its edge.
+    return (instance.number_of_frames + 1) // 2
+
+
+# --- the embedding pipeline -------------------------------------------------------------
+
+
+@dataclass
+class EmbedReport:
+    encoder: str
+    images: int = 0
+    regions: int = 0
+    failed: dict[int, str] = field(default_factory=dict)  # instance id → reason
+
+
+@job("embeddings.embed_instances")
+def embed_instances(*, instance_ids: list[int]) -> list[EmbedReport]:
+    """Embed these instances (whole image and finding boxes) with every encoder that
+    embeds new images. Idempotent: what is embedded already is skipped."""
+    reports = []
+    for encoder in embedding_encoders():
+        todo = Instance.objects.filter(pk__in=instance_ids)
+        reports.append(embed_pending(encoder=encoder, instances=todo))
+    return reports
+
+
+@job("embeddings.embed_findings")
+def embed_findings(*, finding_ids: list[int]) -> None:
+    """Region embeddings for new or moved finding boxes."""
+    for encoder in embedding_encoders():
+        findings = Finding.objects.filter(pk__in=finding_ids, x0__isnull=False).select_related("instance")
+        Embedding.objects.filter(encoder=encoder, finding__in=findings).delete()  # a moved box
+        instances = Instance.objects.filter(findings__in=findings).distinct()
+        embed_pending(encoder=encoder, instances=instances)
+
+
+def pending_instances(encoder: EncoderVersion, instances=None):
+    """Instances with pixels that lack this encoder's image embedding or a region
+    embedding for one of their finding boxes."""
+    qs = Instance.objects.filter(has_pixel_data=True, rows__isnull=False) if instances is None else instances
+    has_image = Embedding.objects.filter(instance=OuterRef("pk"), encoder=encoder, kind=Kind.IMAGE)
+    box_without_region = Finding.objects.filter(instance=OuterRef("pk"), x0__isnull=False).exclude(
+        Exists(Embedding.objects.filter(finding=OuterRef("pk"), encoder=encoder))
+    )
+    return qs.filter(~Exists(has_image) | Exists(box_without_region)).order_by("pk")
+
+
+def embed_pending(
+    *,
+    encoder: EncoderVersion,
+    instances=None,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> EmbedReport:
+    """Embed every pending instance (see `pending_instances`) in batches.
+
+    Decoding a DICOM frame can cost as much as the CNN (a JPEG 2000 film: 0.5 s), so
+    the next batch is decoded in a thread while the model runs on this one.
+    """
+    model, meta = loaded_encoder(encoder)
+    device = enc.pick_device()
+    report = EmbedReport(encoder=encoder.name)
+    todo = list(pending_instances(encoder, instances).prefetch_related("findings"))
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    done = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        future = pool.submit(_decode_batch, batches[0], meta.preprocessing, encoder, report) if batches else None
+        for i, _batch in enumerate(batches):
+            items = future.result()
+            if i + 1 < len(batches):
+                future = pool.submit(_decode_batch, batches[i + 1], meta.preprocessing, encoder, report)
+            if items:
+                vectors = enc.embed_batch(model, [tensor for _, tensor in items], device)
+                _store_vectors(encoder, items, vectors, report)
+            done += len(_batch)
+            if progress:
+                progress(done, len(todo))
+    for kind in Kind.values:
+        _catch_up_if_served(encoder, kind)
+    return report
+
+
+@dataclass
+class _Pending:
+    """What one tensor will become: an image or a region Embedding."""
+
+    instance_id: int
+    frame: int
+    finding_id: int | None = None
+    box: tuple[float, float, float, float] | None = None
+
+
+def _decode_batch(
+    batch: Sequence[Instance], prep: enc.Preprocessing, encoder: EncoderVersion, report: EmbedReport
+) -> list[tuple[_Pending, object]]:
+    """Decode and preprocess one batch (in the decode thread, on its own connection)."""
+    try:
+        have_image = set(
+            Embedding.objects.filter(encoder=encoder, kind=Kind.IMAGE, instance__in=batch).values_list(
+                "instance_id", flat=True
+            )
+        )
+        have_region = set(
+            Embedding.objects.filter(encoder=encoder, finding__instance__in=batch).values_list("finding_id", flat=True)
+        )
+        items: list[tuple[_Pending, object]] = []
+        for instance in batch:
+            frame = representative_frame(instance)
+            try:
+                picture = instance_picture(instance, frame)
+            except RenderError as exc:
+                report.failed[instance.pk] = str(exc)
+                continue
+            if instance.pk not in have_image:
+                tensor = enc.preprocess(picture.pixels, prep, monochrome1=picture.monochrome1)
+                items.append((_Pending(instance.pk, frame), tensor))
+            for finding in instance.findings.all():
+                if finding.box is None or finding.pk in have_region:
+                    continue
+                box = tuple(finding.box)
+                tensor = enc.preprocess(picture.pixels, prep, box, monochrome1=picture.monochrome1)
+                items.append((_Pending(instance.pk, frame, finding.pk, box), tensor))
+        return items
+    finally:
+        connection.close()  # this thread's own connection
+
+
+def _store_vectors(encoder: EncoderVersion, items, vectors: np.ndarray, report: EmbedReport) -> None:
+    rows = []
+    for (pending, _), vector in zip(items, vectors, strict=True):
+        box = pending.box or (None, None, None, None)
+        rows.append(
+            Embedding(
+                instance_id=pending.instance_id,
+                encoder=encoder,
+                kind=Kind.REGION if pending.finding_id else Kind.IMAGE,
+                frame=pending.frame,
+                finding_id=pending.finding_id,
+                x0=box[0],
+                y0=box[1],
+                x1=box[2],
+                y1=box[3],
+                vector=np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
+            )
+        )
+    # Another worker may have embedded the same instance meanwhile: the unique
+    # constraints keep one row, and the loser's vectors are dropped.
+    Embedding.objects.bulk_create(rows, ignore_conflicts=True)
+    report.regions += sum(1 for r in rows if r.kind == Kind.REGION)
+    report.images += sum(1 for r in rows if r.kind == Kind.IMAGE)
+
+
+def record_tombstones(embeddings: Iterable[Embedding]) -> None:
+    EmbeddingTombstone.objects.bulk_create(
+        [EmbeddingTombstone(embedding_id=e.pk, encoder_id=e.encoder_id, kind=e.kind) for e in embeddings]
+    )
+
+
+# --- serving indexes ----------------------------------------------------------------------
+
+
+@dataclass
+class _Served:
+    index: vector_index.VectorIndex
+    last_embedding_id: int
+    last_tombstone_id: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    checked_at: float = 0.0  # time.monotonic() of the last catch-up
+
+
+_served: dict[tuple[int, str], _Served] = {}
+_served_lock = threading.Lock()
+# Embeddings committed out of id order (two workers) are caught by re-reading this
+# many ids below the last one seen.
+_CATCH_UP_WINDOW = 1000
+
+
+def index_dir(encoder: EncoderVersion, kind: str) -> Path:
+    return Path(settings.PRECEDENT_HOME) / "index" / encoder.name / kind
+
+
+def _new_index(encoder: EncoderVersion, kind: str) -> vector_index.VectorIndex:
+    return vector_index.VectorIndex(
+        encoder.dim,
+        kind=kind,
+        encoder_version=encoder.name,
+        index_type=settings.PRECEDENT_INDEX_TYPE,
+        approx_threshold=settings.PRECEDENT_INDEX_APPROX_THRESHOLD,
+    )
+
+
+def _embeddings(encoder: EncoderVersion, kind: str):
+    return Embedding.objects.filter(encoder=encoder, kind=kind)
+
+
+def _vectors(rows: Iterable[tuple[int, bytes]], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = list(rows)
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    vectors = np.frombuffer(b"".join(bytes(r[1]) for r in rows), dtype=np.float32).reshape(len(rows), dim)
+    return ids, vectors
+
+
+def _chunks(qs, size: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) in id order, a chunk at a time (1M×512 floats is 2 GB)."""
+    last = 0
+    while True:
+        rows = list(qs.filter(id__gt=last).order_by("id").values_list("id", "vector")[:size])
+        if not rows:
+            return
+        last = rows[-1][0]
+        yield rows
+
+
+def index_build(encoder: EncoderVersion, kind: str) -> vector_index.VectorIndex:
+    """A fresh index from every embedding of (encoder, kind) in PostgreSQL."""
+    qs = _embeddings(encoder, kind)
+    parts = [_vectors(rows, encoder.dim) for rows in _chunks(qs)]
+    ids = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+    vectors = np.concatenate([p[1] for p in parts]) if parts else np.empty((0, encoder.dim), np.float32)
+    index = _new_index(encoder, kind)
+    index.rebuild(ids, vectors)
+    return index
+
+
+def _load_checked(encoder: EncoderVersion, kind: str) -> tuple[vector_index.VectorIndex, bool]:
+    """The saved index if it is this encoder's and matches PostgreSQL, caught up
+    otherwise; rebuilt when the files are missing or unusable. Also says whether it
+    differs from what is saved."""
+    directory = index_dir(encoder, kind)
+    try:
+        index, manifest = vector_index.VectorIndex.load(
+            directory,
+            index_type=settings.PRECEDENT_INDEX_TYPE,
+            approx_threshold=settings.PRECEDENT_INDEX_APPROX_THRESHOLD,
+        )
+        if manifest.encoder_version != encoder.name or manifest.dim != encoder.dim:
+            raise vector_index.IndexFileError(f"{directory} holds another encoder's index")
+    except vector_index.IndexFileError as exc:
+        if directory.exists():
+            log.warning("rebuilding the %s %s index: %s", encoder.name, kind, exc)
+        return index_build(encoder, kind), True
+    db_ids = np.fromiter(_embeddings(encoder, kind).values_list("id", flat=True), dtype=np.int64)
+    if vector_index.ids_checksum(db_ids) != manifest.ids_sha256:
+        have = index.ids()
+        missing = np.setdiff1d(db_ids, have)
+        extra = np.setdiff1d(have, db_ids)
+        index.remove(extra)
+        for rows in _chunks(_embeddings(encoder, kind).filter(id__in=missing.tolist())):
+            index.add(*_vectors(rows, encoder.dim))
+        log.info("index %s/%s was stale: %d added, %d removed", encoder.name, kind, len(missing), len(extra))
+        return index, True
+    return index, False
+
+
+def serving_index(encoder: EncoderVersion, kind: str, *, save: bool = False) -> vector_index.VectorIndex:
+    """This process's index for (encoder, kind), loaded once and kept current."""
+    key = (encoder.pk, kind)
+    with _served_lock:
+        served = _served.get(key)
+        if served is None:
+            marks = _marks(encoder, kind)
+            index, changed = _load_checked(encoder, kind)
+            served = _served[key] = _Served(index, *marks)
+            save = save or changed
+    _catch_up(encoder, kind, served, force=save)
+    if save:
+        served.index.save(index_dir(encoder, kind), encoder_version=encoder.name)
+    return served.index
+
+
+def _marks(encoder: EncoderVersion, kind: str) -> tuple[int, int]:
+    """The newest embedding and tombstone ids, in one round trip (both index-only)."""
+    sql = (
+        f'SELECT (SELECT max(id) FROM "{Embedding._meta.db_table}" WHERE encoder_id = %s AND kind = %s), '
+        f'(SELECT max(id) FROM "{EmbeddingTombstone._meta.db_table}" WHERE encoder_id = %s AND kind = %s)'
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [encoder.pk, kind, encoder.pk, kind])
+        newest_embedding, newest_tombstone = cursor.fetchone()
+    return newest_embedding or 0, newest_tombstone or 0
+
+
+def _catch_up(encoder: EncoderVersion, kind: str, served: _Served, *, force: bool = False) -> None:
+    """Add embeddings and apply tombstones committed since this process last looked.
+
+    Searches check at most every PRECEDENT_INDEX_SYNC_SECONDS (a new study becomes
+    searchable in other processes within that time); writers in this process force it.
+    """
+    now = time.monotonic()
+    if not force and now - served.checked_at < settings.PRECEDENT_INDEX_SYNC_SECONDS:
+        return
+    with served.lock:
+        served.checked_at = now
+        last_embedding, last_tombstone = _marks(encoder, kind)
+        if last_embedding > served.last_embedding_id:
+            window = _embeddings(encoder, kind).filter(id__gt=served.last_embedding_id - _CATCH_UP_WINDOW)
+            missing = [i for i in window.values_list("id", flat=True) if i not in served.index]
+            for rows in _chunks(_embeddings(encoder, kind).filter(id__in=missing)):
+                served.index.add(*_vectors(rows, encoder.dim))
+            served.last_embedding_id = last_embedding
+        if last_tombstone > served.last_tombstone_id:
+            gone = EmbeddingTombstone.objects.filter(
+                encoder=encoder, kind=kind, id__gt=served.last_tombstone_id
+            ).values_list("embedding_id", flat=True)
+            served.index.remove(np.fromiter(gone, dtype=np.int64))
+            served.last_tombstone_id = last_tombstone
+
+
+def _catch_up_if_served(encoder: EncoderVersion, kind: str) -> None:
+    served = _served.get((encoder.pk, kind))
+    if served is not None:
+        _catch_up(encoder, kind, served, force=True)
+
+
+def serve_prebuilt(encoder: EncoderVersion, kind: str, index: vector_index.VectorIndex) -> None:
+    """Serve an index built elsewhere from this encoder's embeddings (bench_search
+    builds one while it measures the bare index, and reuses it here)."""
+    with _served_lock:
+        _served[(encoder.pk, kind)] = _Served(index, *_marks(encoder, kind))
+
+
+def forget_indexes() -> None:
+    """Drop this process's indexes (tests; after PRECEDENT_HOME changes)."""
+    with _served_lock:
+        _served.clear()
+    _loaded.cache_clear()

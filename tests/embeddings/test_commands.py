@@ -1,0 +1,128 @@
+"""train_encoder, encoder, embed and evaluate_retrieval on real MIAS films."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from embeddings import services
+from embeddings.models import Embedding, EncoderVersion
+from studies.datasets import mias
+from studies.datasets.importer import import_conversion
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def fresh_indexes():
+    services.forget_indexes()
+    yield
+    services.forget_indexes()
+
+
+@pytest.fixture
+def cohort(datasets: Path) -> str:
+    import_conversion(mias.read(datasets / "mini-mias", limit=16), cohort="mias-16", progress=False)
+    return "mias-16"
+
+
+def run(*args: str) -> str:
+    out = io.StringIO()
+    call_command(*args, stdout=out, stderr=io.StringIO(), verbosity=0)
+    return out.getvalue()
+
+
+@pytest.mark.slow
+def test_train_activate_embed_evaluate(cohort):
+    out = run(
+        "train_encoder", "--cohort", cohort, "--epochs", "1", "--input-size", "64", "--dim", "32",
+        "--batch-size", "8", "--name", "t1",
+    )  # fmt: skip
+    assert "trained t1 on 16 images of 'mias-16'" in out
+    version = EncoderVersion.objects.get(name="t1")
+    assert version.status == "ready" and version.metadata["cohort"] == cohort
+    assert len(version.metadata["loss_history"]) == 1
+
+    assert "t1: serving search" in run("encoder", "activate", "t1", "--wait")
+    version.refresh_from_db()
+    assert version.status == "active"
+    assert Embedding.objects.filter(encoder=version, kind="image").count() == 16
+
+    assert "0 images and 0 regions embedded" in run("embed", "--pending")
+    _change_of_mind(version)
+    figures = json.loads(
+        run("evaluate_retrieval", "--cohort", cohort, "--label", "abnormal", "--k", "1", "5", "--json")
+    )
+    assert figures["feedback"]["count"] == 1 and figures["feedback"]["relevant_share"] == 1.0
+    assert set(figures) >= {"precision_at", "map", "recall_at_10_vs_exact", "baseline"}
+    assert set(figures["precision_at"]) == {"1", "5"}
+    assert 0 <= figures["precision_at"]["5"] <= 1 and 0 <= figures["map"] <= 1
+    assert figures["recall_at_10_vs_exact"] == pytest.approx(1.0)  # a small index is exact
+    assert figures["images"] == 16 and figures["patients"] == 8
+    table = run("evaluate_retrieval", "--cohort", cohort, "--label", "abnormality_class")
+    assert "raw-pixels baseline" in table and "P@5" in table
+
+
+def _change_of_mind(version: EncoderVersion) -> None:
+    """One radiologist marks a result not relevant, then relevant: one verdict counts."""
+    from django.contrib.auth import get_user_model
+
+    from embeddings.models import SearchFeedback
+    from studies.models import Instance
+
+    user = get_user_model().objects.create_user("reader2")
+    query, result = Instance.objects.order_by("pk")[:2]
+    for relevant in (False, True):
+        SearchFeedback.objects.create(
+            user=user, encoder=version, query_instance=query, result_instance=result, rank=1, score=0.5,
+            relevant=relevant,
+        )  # fmt: skip
+
+
+def test_register_rejects_other_files(tmp_path):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(CommandError):
+        run("encoder", "register", str(bogus))
+    with pytest.raises(CommandError, match="no such file"):
+        run("encoder", "register", str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train_encoder", "--cohort", "nope"], "no cohort named 'nope'"),
+        (["evaluate_retrieval", "--cohort", "nope"], "no cohort named 'nope'"),
+        (["embed", "--pending"], "no active encoder"),
+        (["encoder", "activate", "nope"], "no encoder version named 'nope'"),
+    ],
+)
+def test_one_line_errors(args, message):
+    with pytest.raises(CommandError, match=message):
+        run(*args)
+
+
+def test_evaluate_without_encoder(cohort):
+    with pytest.raises(CommandError, match="no active encoder"):
+        run("evaluate_retrieval", "--cohort", cohort)
+
+
+@pytest.mark.slow
+def test_train_from_user_provided_torchvision_weights(cohort, tmp_path):
+    import torch
+    import torchvision
+
+    checkpoint = tmp_path / "resnet18-imagenet.pth"  # as a site would copy one in
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), checkpoint)
+    out = run(
+        "train_encoder", "--cohort", cohort, "--epochs", "1", "--input-size", "64", "--dim", "16",
+        "--batch-size", "8", "--name", "from-weights", "--weights", str(checkpoint),
+    )  # fmt: skip
+    assert "backbone from" in out and "adapted to one channel" in out
+    assert EncoderVersion.objects.get(name="from-weights").metadata["init_weights"] == str(checkpoint)
+    with pytest.raises(CommandError, match="is not a file"):
+        run("train_encoder", "--cohort", cohort, "--weights", str(tmp_path / "missing.pth"))
