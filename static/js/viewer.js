@@ -20,7 +20,15 @@
       this.frameReadout = root.querySelector("[data-frame-readout]");
       this.wlReadout = root.querySelector("[data-wl-readout]");
       this.zoomReadout = root.querySelector("[data-zoom-readout]");
-      this.filterFuncs = root.querySelectorAll("#viewer-wl-filter feComponentTransfer > *");
+      // Each viewer brings its own filter, so two viewers on one page (the search
+      // comparison) preview their own windows.
+      const filter = root.querySelector("filter[id]");
+      this.filterId = filter ? filter.id : "viewer-wl-filter";
+      this.filterFuncs = filter ? filter.querySelectorAll("feComponentTransfer > *") : [];
+      // The Box tool: a rectangle drawn on the image, in image pixels, for "Find similar lesions".
+      this.selectionRect = root.querySelector("[data-selection-rect]");
+      this.findLesions = root.querySelector("[data-find-lesions]");
+      this.selection = null;
 
       this.previewUrl = root.dataset.previewUrl;
       this.frames = Number(root.dataset.frames) || 1;
@@ -31,7 +39,8 @@
       this.inverted = root.dataset.photometric === "MONOCHROME1";
       this.grey = root.dataset.photometric.startsWith("MONOCHROME");
 
-      this.frame = 1;
+      // A page may open another frame first (the search compares the frame it embedded).
+      this.frame = Math.min(this.frames, Math.max(1, Math.round(Number(root.dataset.frame)) || 1));
       this.preset = this.presetSelect ? this.presetSelect.value : "default";
       this.custom = null; // {center, width} chosen by dragging; null follows the preset
       this.applied = null; // the window the displayed image was rendered with
@@ -57,7 +66,8 @@
       });
       on(this.slider, "input", () => this.setFrame(Number(this.slider.value)));
       on(this.root.querySelector("[data-findings-toggle]"), "change", (e) => {
-        this.overlay.hidden = !e.target.checked;
+        // An <svg> has no `hidden` property (that is HTMLElement's): hide it with CSS.
+        this.overlay.style.display = e.target.checked ? "" : "none";
       });
       this.root.querySelectorAll("[data-tool]").forEach((button) =>
         on(button, "click", () => this.setTool(button.dataset.tool)),
@@ -180,10 +190,11 @@
 
     setTool(tool) {
       this.tool = tool;
-      this.root.querySelectorAll("[data-tool]").forEach((button) => {
+      if (this.stage) this.stage.dataset.tool = tool;
+      // Buttons only: the stage carries data-tool too (for its cursor).
+      this.root.querySelectorAll("button[data-tool]").forEach((button) => {
         button.setAttribute("aria-pressed", String(button.dataset.tool === tool));
       });
-      this.stage.dataset.tool = tool;
     }
 
     reset() {
@@ -218,6 +229,12 @@
       this.layer.style.transform = `translate(${this.tx}px, ${this.ty}px) scale(${this.scale})`;
       if (this.baseWidth) this.layer.style.setProperty("--px", `${this.columns / (this.baseWidth * this.scale)}px`);
       if (this.zoomReadout) this.zoomReadout.textContent = `${Math.round(this.scale * 100)}%`;
+      this.emit("view");
+    }
+
+    // Tells listeners (the search comparison links two viewers) what changed.
+    emit(name, detail = {}) {
+      this.root.dispatchEvent(new CustomEvent(`viewer:${name}`, { bubbles: true, detail: { viewer: this, ...detail } }));
     }
 
     // Zoom keeping the image point under (x, y) in stage pixels where it is.
@@ -238,6 +255,10 @@
     pointerDown(event) {
       if (!this.layer || (event.button !== 0 && event.button !== 1)) return;
       const pan = event.button === 1 || event.shiftKey || this.tool === "pan";
+      if (!pan && this.tool === "box") {
+        this.startBox(event);
+        return;
+      }
       if (!pan && !this.applied) {
         this.hint(
           this.grey
@@ -268,6 +289,11 @@
       const dy = event.clientY - drag.y;
       drag.moved = drag.moved || Math.abs(dx) + Math.abs(dy) > 2;
       if (!drag.moved) return;
+      if (drag.mode === "box") {
+        drag.end = this.imagePoint(event);
+        this.drawSelection(boxBetween(drag.start, drag.end));
+        return;
+      }
       if (drag.mode === "pan") {
         this.tx = drag.tx + dx;
         this.ty = drag.ty + dy;
@@ -283,6 +309,7 @@
       };
       this.showWindow(this.custom);
       this.previewWindow(this.custom);
+      this.emit("window", { drag, start: drag.window, window: this.custom, final: false });
     }
 
     pointerUp(event) {
@@ -291,7 +318,70 @@
       this.drag = null;
       if (this.stage.hasPointerCapture(event.pointerId)) this.stage.releasePointerCapture(event.pointerId);
       this.stage.classList.remove("is-panning", "is-windowing");
-      if (drag.mode === "wl" && drag.moved) this.load();
+      if (drag.mode === "box") {
+        const box = drag.moved && drag.end ? boxBetween(drag.start, drag.end) : null;
+        // A click, or a box under one image pixel, clears the selection.
+        this.setSelection(box && box[2] - box[0] >= 1 && box[3] - box[1] >= 1 ? box : null);
+        return;
+      }
+      if (drag.mode === "wl" && drag.moved) {
+        this.load();
+        this.emit("window", { drag, start: drag.window, window: this.custom, final: true });
+      }
+    }
+
+    // --- the Box tool ----------------------------------------------------------------
+
+    startBox(event) {
+      if (!this.selectionRect || !this.columns || !this.rows) return;
+      event.preventDefault();
+      this.stage.setPointerCapture(event.pointerId);
+      this.root.focus({ preventScroll: true });
+      const start = this.imagePoint(event);
+      this.drag = { mode: "box", x: event.clientX, y: event.clientY, start, end: null, moved: false };
+    }
+
+    // The image pixel under the pointer, clamped to the image. The layer is only
+    // translated and scaled, so its on-screen box maps linearly onto the image.
+    imagePoint(event) {
+      const rect = this.layer.getBoundingClientRect();
+      const x = ((event.clientX - rect.left) / rect.width) * this.columns;
+      const y = ((event.clientY - rect.top) / rect.height) * this.rows;
+      return { x: Math.min(this.columns, Math.max(0, x)), y: Math.min(this.rows, Math.max(0, y)) };
+    }
+
+    drawSelection(box) {
+      if (!this.selectionRect) return;
+      if (!box) {
+        this.selectionRect.setAttribute("display", "none");
+        return;
+      }
+      const [x0, y0, x1, y1] = box;
+      this.selectionRect.setAttribute("x", String(x0));
+      this.selectionRect.setAttribute("y", String(y0));
+      this.selectionRect.setAttribute("width", String(x1 - x0));
+      this.selectionRect.setAttribute("height", String(y1 - y0));
+      this.selectionRect.setAttribute("display", "inline");
+    }
+
+    setSelection(box) {
+      this.selection = box;
+      this.drawSelection(box);
+      const link = this.findLesions;
+      if (link) {
+        if (box) {
+          const url = new URL(link.dataset.href, window.location.href);
+          url.searchParams.set("box", box.join(","));
+          link.href = url.pathname + url.search;
+          link.removeAttribute("aria-disabled");
+          link.title = `Find lesions similar to the box ${box[0]},${box[1]}–${box[2]},${box[3]} (image pixels)`;
+        } else {
+          link.removeAttribute("href");
+          link.setAttribute("aria-disabled", "true");
+          link.title = "Draw a box on the image with the Box tool first";
+        }
+      }
+      this.emit("selection", { box });
     }
 
     // Instant feedback while dragging: map the displayed grey values linearly from the
@@ -307,7 +397,7 @@
         func.setAttribute("slope", String(slope));
         func.setAttribute("intercept", String(intercept));
       });
-      this.image.style.filter = "url(#viewer-wl-filter)";
+      this.image.style.filter = `url(#${this.filterId})`;
     }
 
     wheel(event) {
@@ -336,11 +426,22 @@
         "-": () => this.zoomBy(0.8),
         r: () => this.reset(),
       };
+      if (this.selection) actions.Escape = () => this.setSelection(null);
       const action = actions[event.key];
       if (!action) return;
       event.preventDefault();
       action();
     }
+  }
+
+  // Whole image pixels that cover the dragged rectangle, corners in either order.
+  function boxBetween(a, b) {
+    return [
+      Math.floor(Math.min(a.x, b.x)),
+      Math.floor(Math.min(a.y, b.y)),
+      Math.ceil(Math.max(a.x, b.x)),
+      Math.ceil(Math.max(a.y, b.y)),
+    ];
   }
 
   function round(value) {
@@ -389,6 +490,9 @@
     },
     true,
   );
+
+  // For pages that drive viewers from outside (static/js/compare.js).
+  window.PrecedentViewer = { init, get: (root) => viewers.get(root) };
 
   document.addEventListener("htmx:load", (event) => init(event.detail.elt));
   if (document.readyState === "loading") {
