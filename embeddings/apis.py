@@ -55,34 +55,24 @@ class SearchInput(serializers.Serializer):
 
 
 def result_dict(hit: selectors.Hit) -> dict:
-    instance = hit.instance
-    series, study = instance.series, instance.series.study
-    findings = [
-        {"pathology": f.pathology, "abnormality_class": f.abnormality_class, "box": f.box}
-        for f in instance.findings.all()
-    ]
     return {
         "rank": hit.rank,
         "embedding_id": hit.embedding_id,
         "score": round(hit.score, 6),
         "kind": hit.kind,
-        "sop_instance_uid": instance.sop_instance_uid,
-        "series_instance_uid": series.series_instance_uid,
-        "study_instance_uid": study.study_instance_uid,
-        "patient_id": study.patient.patient_id,
-        "modality": series.modality,
-        "laterality": instance.laterality,
-        "view_position": instance.view_position,
-        "study_date": study.study_date,
+        "sop_instance_uid": hit.sop_instance_uid,
+        "series_instance_uid": hit.series_instance_uid,
+        "study_instance_uid": hit.study_instance_uid,
+        "patient_id": hit.patient_id,
+        "modality": hit.modality,
+        "laterality": hit.laterality,
+        "view_position": hit.view_position,
+        "study_date": hit.study_date,
         "box": hit.box,
-        "finding": (
-            {"pathology": hit.finding.pathology, "abnormality_class": hit.finding.abnormality_class}
-            if hit.finding
-            else None
-        ),
-        "findings": findings,
-        "thumbnail_url": reverse("api:instance-thumbnail", args=[instance.sop_instance_uid]),
-        "study_url": study.get_absolute_url(),
+        "finding": hit.finding,
+        "findings": hit.findings,
+        "thumbnail_url": reverse("api:instance-thumbnail", args=[hit.sop_instance_uid]),
+        "study_url": reverse("studies:detail", args=[hit.study_instance_uid]),
     }
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from django.db import connection
 from django.db.models import Q, QuerySet
 
 from studies.models import Finding, Instance
@@ -87,17 +88,28 @@ class SearchFilters:
 
 @dataclass
 class Hit:
+    """One result: the image (or lesion) found, what is known of it, and its score.
+
+    Plain values, read in two queries: building model instances for every related
+    row cost more than the FAISS search itself."""
+
     embedding_id: int
     rank: int
     score: float
     kind: str
-    instance: Instance
     box: list[float] | None
-    finding: Finding | None
-
-    @property
-    def study(self):
-        return self.instance.series.study
+    finding: dict[str, str] | None  # the lesion a region hit is, {"pathology", "abnormality_class"}
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_id: str
+    modality: str
+    laterality: str
+    view_position: str
+    study_date: dt.date | None
+    rows: int | None
+    columns: int | None
+    findings: list[dict[str, Any]]  # every finding of the image: pathology, abnormality_class, box
 
 
 @dataclass
@@ -213,21 +225,68 @@ def _query_vector(encoder: EncoderVersion, instance, box, image, monochrome1) ->
     return enc.embed_batch(model, [tensor])
 
 
+def _hits_sql() -> str:
+    table = {m.__name__: m._meta.db_table for m in (Embedding, Instance, Finding)}
+    from studies.models import Patient, Series, Study
+
+    table.update({m.__name__: m._meta.db_table for m in (Series, Study, Patient)})
+    return f"""
+        SELECT e.id, e.kind, e.x0, e.y0, e.x1, e.y1,
+               i.sop_instance_uid, i.laterality, i.view_position, i."rows", i."columns",
+               s.series_instance_uid, s.modality, st.study_instance_uid, st.study_date, p.patient_id,
+               f.pathology, f.abnormality_class,
+               (SELECT coalesce(json_agg(json_build_object(
+                           'pathology', g.pathology,
+                           'abnormality_class', g.abnormality_class,
+                           'box', CASE WHEN g.x0 IS NULL THEN NULL ELSE json_build_array(g.x0, g.y0, g.x1, g.y1) END
+                       ) ORDER BY g.id), '[]'::json)
+                  FROM "{table["Finding"]}" g WHERE g.instance_id = i.id) AS findings
+          FROM "{table["Embedding"]}" e
+          JOIN "{table["Instance"]}" i ON i.id = e.instance_id
+          JOIN "{table["Series"]}" s ON s.id = i.series_id
+          JOIN "{table["Study"]}" st ON st.id = s.study_id
+          JOIN "{table["Patient"]}" p ON p.id = st.patient_id
+          LEFT JOIN "{table["Finding"]}" f ON f.id = e.finding_id
+         WHERE e.id = ANY(%s)
+    """
+
+
 def _hits(scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+    """The hits' images, studies and findings in one statement. Raw SQL: through the
+    ORM the same reads cost 4.4 ms a search on these CPUs, ten times the FAISS search."""
     found = [(float(s), int(i)) for s, i in zip(scores, ids, strict=True) if i >= 0]
-    rows = (
-        Embedding.objects.select_related("instance__series__study__patient", "finding")
-        .prefetch_related("instance__findings")
-        .defer("vector")
-    )
-    by_id = rows.in_bulk([i for _, i in found])
+    if not found:
+        return []
+    with connection.cursor() as cursor:
+        cursor.execute(_hits_sql(), [[i for _, i in found]])
+        rows = {row[0]: row for row in cursor.fetchall()}
     hits = []
     for rank, (score, embedding_id) in enumerate(found, start=1):
-        embedding = by_id.get(embedding_id)
-        if embedding is None:  # deleted since the index last caught up
+        row = rows.get(embedding_id)
+        if row is None:  # deleted since the index last caught up
             continue
+        (_, kind, x0, y0, x1, y1, sop, laterality, view, n_rows, n_columns, series_uid, modality, study_uid,
+         study_date, patient_id, pathology, abnormality_class, findings) = row  # fmt: skip
         hits.append(
-            Hit(embedding_id, rank, score, embedding.kind, embedding.instance, embedding.box, embedding.finding)
+            Hit(
+                embedding_id=embedding_id,
+                rank=rank,
+                score=score,
+                kind=kind,
+                box=None if x0 is None else [x0, y0, x1, y1],
+                finding={"pathology": pathology, "abnormality_class": abnormality_class} if pathology else None,
+                sop_instance_uid=sop,
+                series_instance_uid=series_uid,
+                study_instance_uid=study_uid,
+                patient_id=patient_id,
+                modality=modality,
+                laterality=laterality,
+                view_position=view,
+                study_date=study_date,
+                rows=n_rows,
+                columns=n_columns,
+                findings=findings,
+            )
         )
     return hits
 

@@ -88,8 +88,23 @@ def encoder_register(*, path: Path, name: str = "") -> EncoderVersion:
     )
 
 
+_active: tuple[float, EncoderVersion | None] = (-1e9, None)
+
+
 def active_encoder() -> EncoderVersion | None:
-    return EncoderVersion.objects.filter(status=EncoderVersion.Status.ACTIVE).first()
+    """The version search serves. Every search asks, so the answer is kept for
+    PRECEDENT_INDEX_SYNC_SECONDS (a query costs ~1 ms of ORM work here)."""
+    global _active
+    checked, encoder = _active
+    if time.monotonic() - checked >= settings.PRECEDENT_INDEX_SYNC_SECONDS:
+        encoder = EncoderVersion.objects.filter(status=EncoderVersion.Status.ACTIVE).first()
+        _active = (time.monotonic(), encoder)
+    return encoder
+
+
+def _forget_active() -> None:
+    global _active
+    _active = (-1e9, None)
 
 
 def encoder_activate(*, encoder: EncoderVersion, wait: bool = False) -> None:
@@ -106,6 +121,7 @@ def encoder_activate(*, encoder: EncoderVersion, wait: bool = False) -> None:
         else:
             encoder.status = EncoderVersion.Status.ACTIVATING
         encoder.save(update_fields=["status", "activated_at"])
+    _forget_active()
     if wait:
         finish_activation(encoder_id=encoder.pk)
     else:
@@ -127,6 +143,7 @@ def finish_activation(*, encoder_id: int) -> None:
         encoder.status = EncoderVersion.Status.ACTIVE
         encoder.activated_at = timezone.now()
         encoder.save(update_fields=["status", "activated_at"])
+    _forget_active()
     log.info("encoder %s is now active", encoder.name)
 
 
@@ -564,4 +581,5 @@ def forget_indexes() -> None:
     """Drop this process's indexes (tests; after PRECEDENT_HOME changes)."""
     with _served_lock:
         _served.clear()
+    _forget_active()
     _loaded.cache_clear()

@@ -234,15 +234,14 @@ def cards(results: SearchResults, query_uid: str, query_box) -> list[Card]:
     out = []
     for hit in results.hits:
         result = result_dict(hit)
-        instance = hit.instance
         boxes = [
             {**svg_box(f["box"]), "pathology": f["pathology"]} for f in result["findings"] if f["box"] and not hit.box
         ]
         out.append(
             Card(
                 result=result,
-                rows=instance.rows or 0,
-                columns=instance.columns or 0,
+                rows=hit.rows or 0,
+                columns=hit.columns or 0,
                 region=svg_box(hit.box) if hit.box else None,
                 boxes=boxes,
                 compare_url=compare_url(query_uid, query_box, result),
