@@ -244,10 +244,10 @@ def test_load_demo_twice_is_idempotent_and_creates_the_demo_login(
     (data / cbis.FOLDER).symlink_to(datasets / cbis.FOLDER)
 
     first, second = io.StringIO(), io.StringIO()
-    call_command("load_demo", "--data", str(data), stdout=first)
+    call_command("load_demo", "--data", str(data), "--no-encoder", stdout=first)
     instances = Instance.objects.count()
     findings = Finding.objects.count()
-    call_command("load_demo", "--data", str(data), stdout=second)
+    call_command("load_demo", "--data", str(data), "--no-encoder", stdout=second)
 
     password = (precedent_home / "demo-login.txt").read_text().splitlines()[1]
     user = get_user_model().objects.get(username="demo")
@@ -269,7 +269,8 @@ def test_load_demo_rejects_a_data_folder_without_datasets(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_load_demo_without_datasets_generates_the_synthetic_cohort(settings, tmp_path: Path) -> None:
-    """A checkout with no ../shared/datasets beside it still gets mammograms with truth (about 8 s)."""
+    """A checkout with no ../shared/datasets beside it still gets mammograms with truth, and
+    a demo encoder for similar-case search (about 40 s)."""
     settings.REPO_ROOT = tmp_path / "elsewhere" / "repo"
     out = io.StringIO()
     call_command("load_demo", stdout=out)
@@ -280,3 +281,10 @@ def test_load_demo_without_datasets_generates_the_synthetic_cohort(settings, tmp
     assert cohort.studies.count() == 25
     assert all(study.patient.is_synthetic for study in cohort.studies.select_related("patient"))
     assert not Cohort.objects.filter(name__in=["mias", "cbis", "nih-cxr"]).exists()
+    # ... and a quickly trained encoder, so that similar-case search works in the demo.
+    from embeddings.models import Embedding, EncoderVersion
+
+    encoder = EncoderVersion.objects.get(name="demo-resnet18")
+    assert encoder.status == "active" and encoder.metadata["cohort"] == "synthetic-screening"
+    assert Embedding.objects.filter(encoder=encoder, kind="image").count() >= 100
+    assert "demo-resnet18 serves similar-case search" in out.getvalue()

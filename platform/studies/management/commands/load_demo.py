@@ -47,6 +47,9 @@ class Command(BaseCommand):
             "--synthetic", action="store_true", help="also generate the synthetic cohort when real data is found"
         )
         parser.add_argument("--url", default="http://127.0.0.1:8000", help="where the server will listen (printed)")
+        parser.add_argument(
+            "--no-encoder", action="store_true", help="do not train the quick demo encoder for similar-case search"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         _require_migrated()
@@ -69,7 +72,41 @@ class Command(BaseCommand):
             if not found:
                 self.stdout.write("no real datasets found: generating the synthetic screening cohort")
             report(self, import_conversion(synthetic.read(), cohort=SYNTHETIC_COHORT))
+        if not options["no_encoder"]:
+            self._demo_encoder()
         self.stdout.write(self.style.SUCCESS(password_line))
+
+    def _demo_encoder(self) -> None:
+        """A quickly trained encoder, so that similar-case search works in the demo.
+
+        Two epochs at 128 px on the mammography cohort: about a minute on two cores,
+        enough to show the workflow, not to judge retrieval (train one with
+        `train_encoder` for that). Left alone once any encoder version exists.
+        """
+        from django.core.management import call_command
+
+        from embeddings import services as embedding_services
+        from embeddings.models import EncoderVersion
+        from studies.models import Instance
+
+        if EncoderVersion.objects.exists():
+            self.stdout.write("encoder versions exist: the demo encoder is not trained again")
+            return
+        for cohort in ("mias", SYNTHETIC_COHORT):
+            images = Instance.objects.filter(series__study__cohorts__name=cohort, has_pixel_data=True).count()
+            if images >= DEMO_ENCODER_MIN_IMAGES:
+                break
+        else:
+            self.stdout.write("no cohort with enough images for a demo encoder: similar-case search waits for one")
+            return
+        call_command(
+            "train_encoder", "--cohort", cohort, "--epochs", "2", "--input-size", "128", "--batch-size", "16",
+            "--name", DEMO_ENCODER, stdout=self.stdout, verbosity=1,
+        )  # fmt: skip
+        embedding_services.encoder_activate(encoder=EncoderVersion.objects.get(name=DEMO_ENCODER), wait=True)
+        self.stdout.write(
+            f"{DEMO_ENCODER} serves similar-case search (a quick demo; train a real one with train_encoder)"
+        )
 
     def _pydicom_test_files(self) -> None:
         """Every file pydicom ships for its own tests: a wide spread of transfer
@@ -83,6 +120,10 @@ class Command(BaseCommand):
             f"{outcomes[Outcome.DUPLICATE]} duplicate, {outcomes[Outcome.REJECTED]} rejected "
             "(not DICOM, broken on purpose, or no decoder)"
         )
+
+
+DEMO_ENCODER = "demo-resnet18"
+DEMO_ENCODER_MIN_IMAGES = 32
 
 
 def _require_migrated() -> None:
