@@ -38,22 +38,21 @@ class SearchFilters:
     cohort: str = ""
     exclude_same_patient: bool = True
 
+    # The filters that narrow the candidates (exclude_same_patient only drops a few).
+    NARROWING = (
+        "modality",
+        "body_part",
+        "laterality",
+        "view_position",
+        "finding_class",
+        "pathology",
+        "date_from",
+        "date_to",
+        "cohort",
+    )
+
     def narrows(self) -> bool:
-        """Whether any filter beyond excluding the query's own patient is set."""
-        return any(
-            getattr(self, name)
-            for name in (
-                "modality",
-                "body_part",
-                "laterality",
-                "view_position",
-                "finding_class",
-                "pathology",
-                "date_from",
-                "date_to",
-                "cohort",
-            )
-        )
+        return any(getattr(self, name) for name in self.NARROWING)
 
     def apply(self, qs: QuerySet[Embedding]) -> QuerySet[Embedding]:
         series = "instance__series__"

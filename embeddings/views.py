@@ -35,17 +35,7 @@ from .selectors import SearchError, SearchResults
 RESULTS_TARGET = "search-results"
 COMPARE_TARGET = "compare-slot"
 DEFAULT_K = 10
-FILTERS = (
-    "modality",
-    "body_part",
-    "laterality",
-    "view_position",
-    "finding_class",
-    "pathology",
-    "date_from",
-    "date_to",
-    "cohort",
-)
+FILTERS = selectors.SearchFilters.NARROWING
 # How the API's field names read in an error message on the page.
 LABELS = {
     "sop_instance_uid": "Query image",

@@ -9,19 +9,11 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
-from embeddings import services
 from embeddings.models import Embedding, EncoderVersion
 from studies.datasets import mias
 from studies.datasets.importer import import_conversion
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def fresh_indexes():
-    services.forget_indexes()
-    yield
-    services.forget_indexes()
 
 
 @pytest.fixture

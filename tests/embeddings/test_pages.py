@@ -32,13 +32,6 @@ FEEDBACK = reverse("search:feedback")
 HTMX = {"HTTP_HX_REQUEST": "true", "HTTP_HX_TARGET": "search-results"}
 
 
-@pytest.fixture(autouse=True)
-def fresh_indexes():
-    services.forget_indexes()
-    yield
-    services.forget_indexes()
-
-
 @pytest.fixture
 def archive(datasets: Path, django_capture_on_commit_callbacks):
     """12 MIAS films: 6 patients (right and left breast each), 4 of them with lesion boxes."""

@@ -24,13 +24,6 @@ from studies.models import Finding, Instance
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def fresh_indexes():
-    services.forget_indexes()
-    yield
-    services.forget_indexes()
-
-
 @pytest.fixture
 def tiny_encoder(tmp_path: Path) -> Path:
     model = enc.build_encoder("resnet18", dim=32, preprocessing=enc.Preprocessing(input_size=64))
