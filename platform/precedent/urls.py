@@ -1,13 +1,23 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from precedent.api import login_not_required_view
 
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
+    path("api/v1/schema/", login_not_required_view(SpectacularAPIView.as_view()), name="schema"),
+    path(
+        "api/v1/schema/docs/",
+        login_not_required_view(SpectacularSwaggerView.as_view(url_name="schema")),
+        name="schema-docs",
+    ),
     path("api/v1/search/", include("embeddings.api_urls", namespace="search-api")),
     path("api/v1/", include("studies.api_urls", namespace="api")),
+    path("dicomweb/", include("dicomweb.urls")),
     path("search/", include("embeddings.urls")),
     path("", include("studies.urls")),
 ]

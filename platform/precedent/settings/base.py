@@ -54,6 +54,9 @@ INSTALLED_APPS = [
     "studies",
     "embeddings",
     "triage",
+    "dicomweb",
+    "dimse",
+    "drf_spectacular",
 ]
 
 MIDDLEWARE = [
@@ -171,6 +174,14 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "precedent.api.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Precedent API",
+    "DESCRIPTION": "Similar-case search and worklist triage for radiology: studies, instances, search.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
 }
 
 LOGGING = {

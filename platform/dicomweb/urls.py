@@ -1,0 +1,5 @@
+"""/dicomweb/ routes."""
+
+app_name = "dicomweb"
+
+urlpatterns: list = []
