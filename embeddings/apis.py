@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import numpy as np
 from django.urls import reverse
+from drf_spectacular.utils import OpenApiResponse, PolymorphicProxySerializer, extend_schema
 from rest_framework import serializers, status
 from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
 
-from precedent.api import ApiView, error_response
-from studies.models import Instance
+from precedent.api import ApiView, BinaryFileField, error_response, error_responses
+from studies.models import Finding, Instance
 
 from . import selectors, services
 from .models import Embedding, EncoderVersion
 from .selectors import MAX_K, SearchError, SearchFilters
 
 PATHOLOGIES = ["normal", "benign", "malignant", "unknown"]
+# Query vectors become float32: a larger value would turn into infinity.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class SearchInput(serializers.Serializer):
     sop_instance_uid = serializers.CharField(required=False, max_length=64)
     box = serializers.ListField(child=serializers.FloatField(), min_length=4, max_length=4, required=False)
     file = serializers.FileField(required=False)
-    vector = serializers.ListField(child=serializers.FloatField(), required=False, min_length=1, max_length=4096)
+    vector = serializers.ListField(
+        child=serializers.FloatField(min_value=-FLOAT32_MAX, max_value=FLOAT32_MAX),
+        required=False,
+        min_length=1,
+        max_length=4096,
+    )
     encoder = serializers.CharField(required=False, max_length=100, help_text="encoder version (default: active)")
     k = serializers.IntegerField(required=False, default=10, min_value=1, max_value=MAX_K)
     kind = serializers.ChoiceField(choices=Embedding.Kind.values, required=False)
@@ -52,6 +60,111 @@ class SearchInput(serializers.Serializer):
         data = self.validated_data
         names = SearchFilters.__dataclass_fields__
         return SearchFilters(**{name: data[name] for name in names if name in data})
+
+
+# --- OpenAPI: the three forms of a search request and the response --------------------
+# SearchInput validates every form; these only describe them, and a test keeps their
+# fields in step with SearchInput's.
+
+
+class _SearchOptions(serializers.Serializer):
+    encoder = serializers.CharField(required=False, max_length=100, help_text="encoder version (default: active)")
+    k = serializers.IntegerField(required=False, default=10, min_value=1, max_value=MAX_K)
+    kind = serializers.ChoiceField(
+        choices=Embedding.Kind.values,
+        required=False,
+        help_text="What to search: whole images, or lesion regions (default: region with a box, else image).",
+    )
+    modality = serializers.CharField(required=False, allow_blank=True, max_length=16)
+    body_part = serializers.CharField(required=False, allow_blank=True, max_length=64)
+    laterality = serializers.CharField(required=False, allow_blank=True, max_length=16)
+    view_position = serializers.CharField(required=False, allow_blank=True, max_length=16)
+    finding_class = serializers.CharField(required=False, allow_blank=True, max_length=64)
+    pathology = serializers.ChoiceField(choices=Finding.Pathology.choices, required=False, allow_blank=True)
+    date_from = serializers.DateField(required=False)
+    date_to = serializers.DateField(required=False)
+    cohort = serializers.CharField(required=False, allow_blank=True, max_length=100)
+    exclude_same_patient = serializers.BooleanField(required=False, default=True)
+
+
+_BOX_HELP = "A region [x0, y0, x1, y1] in image pixels (top-left origin) to search with, instead of the whole image."
+
+
+class SearchByInstanceInput(_SearchOptions):
+    sop_instance_uid = serializers.CharField(max_length=64, help_text="A stored instance to search with.")
+    box = serializers.ListField(
+        child=serializers.FloatField(), min_length=4, max_length=4, required=False, help_text=_BOX_HELP
+    )
+
+
+class SearchByVectorInput(_SearchOptions):
+    vector = serializers.ListField(
+        child=serializers.FloatField(min_value=-FLOAT32_MAX, max_value=FLOAT32_MAX),
+        min_length=1,
+        max_length=4096,
+        help_text="A query vector made by the same encoder (as many values as its dimension).",
+    )
+
+
+class SearchByFileInput(_SearchOptions):
+    file = BinaryFileField(help_text="A DICOM, PNG or JPEG image to search with.")
+    box = serializers.ListField(
+        child=serializers.FloatField(), min_length=4, max_length=4, required=False, help_text=_BOX_HELP
+    )
+
+
+class FindingSummaryOutput(serializers.Serializer):
+    pathology = serializers.CharField()
+    abnormality_class = serializers.CharField()
+
+
+class FindingWithBoxOutput(FindingSummaryOutput):
+    box = serializers.ListField(child=serializers.FloatField(), allow_null=True)
+
+
+class SearchHitOutput(serializers.Serializer):
+    rank = serializers.IntegerField()
+    embedding_id = serializers.IntegerField()
+    score = serializers.FloatField()
+    kind = serializers.ChoiceField(choices=Embedding.Kind.values)
+    sop_instance_uid = serializers.CharField()
+    series_instance_uid = serializers.CharField()
+    study_instance_uid = serializers.CharField()
+    patient_id = serializers.CharField()
+    modality = serializers.CharField()
+    laterality = serializers.CharField()
+    view_position = serializers.CharField()
+    study_date = serializers.DateField(allow_null=True)
+    box = serializers.ListField(
+        child=serializers.FloatField(), allow_null=True, help_text="The region found (region hits only)."
+    )
+    finding = FindingSummaryOutput(allow_null=True, help_text="The lesion a region hit is.")
+    findings = FindingWithBoxOutput(many=True, help_text="Every finding of the image found.")
+    thumbnail_url = serializers.CharField()
+    study_url = serializers.CharField()
+
+
+class SearchQueryOutput(serializers.Serializer):
+    sop_instance_uid = serializers.CharField(allow_null=True)
+    box = serializers.ListField(child=serializers.FloatField(), allow_null=True)
+
+
+class SearchResultsOutput(serializers.Serializer):
+    status = serializers.ChoiceField(
+        choices=["ok", "no_encoder", "no_index", "empty_index"],
+        help_text="ok, or why there are no results: no active encoder, or nothing indexed yet.",
+    )
+    message = serializers.CharField()
+    encoder = serializers.CharField(help_text="The encoder version searched (empty with no_encoder).")
+    kind = serializers.ChoiceField(choices=Embedding.Kind.values)
+    k = serializers.IntegerField()
+    query = SearchQueryOutput()
+    results = SearchHitOutput(many=True)
+
+
+class FeedbackOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    relevant = serializers.BooleanField()
 
 
 def result_dict(hit: selectors.Hit) -> dict:
@@ -115,6 +228,32 @@ class SearchApi(ApiView):
 
     parser_classes = [JSONParser, MultiPartParser]
 
+    @extend_schema(
+        operation_id="search_create",
+        summary="Find similar images or lesions",
+        request={
+            "application/json": PolymorphicProxySerializer(
+                component_name="SearchRequest",
+                serializers=[SearchByInstanceInput, SearchByVectorInput],
+                resource_type_field_name=None,
+            ),
+            "multipart/form-data": SearchByFileInput,
+        },
+        responses={
+            200: OpenApiResponse(
+                SearchResultsOutput, description="Results, or an empty list with `status` saying why."
+            ),
+            **error_responses(
+                400,
+                404,
+                415,
+                _400="Invalid input: not exactly one of sop_instance_uid, file or vector; a bad box, k, "
+                "encoder or vector length; an upload that cannot be decoded.",
+                _404="No instance with that sop_instance_uid.",
+                _415="Neither application/json nor multipart/form-data.",
+            ),
+        },
+    )
     def post(self, request):
         data = SearchInput(data=request.data)
         data.is_valid(raise_exception=True)
@@ -135,7 +274,7 @@ class FeedbackInput(serializers.Serializer):
     result_box = serializers.ListField(
         child=serializers.FloatField(), min_length=4, max_length=4, required=False, allow_null=True
     )
-    rank = serializers.IntegerField(min_value=1)
+    rank = serializers.IntegerField(min_value=1, max_value=2**31 - 1)  # the column is a PostgreSQL integer
     score = serializers.FloatField()
     relevant = serializers.BooleanField()
 
@@ -143,6 +282,12 @@ class FeedbackInput(serializers.Serializer):
 class FeedbackApi(ApiView):
     """POST /api/v1/search/feedback/: a radiologist's verdict on one result."""
 
+    @extend_schema(
+        operation_id="search_feedback_create",
+        summary="Record whether a search result was relevant",
+        request=FeedbackInput,
+        responses={201: FeedbackOutput, **error_responses(400, 404, 415, _404="An instance named is not stored.")},
+    )
     def post(self, request):
         data = FeedbackInput(data=request.data)
         data.is_valid(raise_exception=True)

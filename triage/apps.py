@@ -6,3 +6,7 @@ class TriageConfig(AppConfig):
 
     name = "triage"
     verbose_name = "Triage"
+
+    def ready(self) -> None:
+        # Registers the signal receivers, the background job and the settings check.
+        from . import checks, receivers, services  # noqa: F401

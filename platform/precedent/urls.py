@@ -16,8 +16,10 @@ urlpatterns = [
         name="schema-docs",
     ),
     path("api/v1/search/", include("embeddings.api_urls", namespace="search-api")),
+    path("api/v1/", include("triage.api_urls", namespace="triage-api")),
     path("api/v1/", include("studies.api_urls", namespace="api")),
     path("dicomweb/", include("dicomweb.urls")),
+    path("worklist/", include("triage.urls")),
     path("search/", include("embeddings.urls")),
     path("", include("studies.urls")),
 ]

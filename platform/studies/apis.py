@@ -6,13 +6,15 @@ Views validate with an input serializer, call one service or selector, and retur
 from __future__ import annotations
 
 from django.http import FileResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 
-from precedent.api import ApiView, error_response
+from precedent.api import ApiView, BinaryFileField, ErrorOutput, error_response, error_responses
 
 from . import selectors, services
 from .dicom import PRESETS, Window, png_window
@@ -23,12 +25,21 @@ from .services import Outcome, RenderRequest
 # --- serializers ---------------------------------------------------------------------
 
 
+@extend_schema_field(
+    {"type": "string", "pattern": r"^\d{2}:\d{2}:\d{2}(\.\d{1,6})?$", "example": "07:27:30", "nullable": True}
+)
+class LocalTimeField(serializers.TimeField):
+    """DICOM times are local, without a UTC offset: documented as HH:MM:SS[.ffffff], not
+    as OpenAPI's `format: time` (RFC 3339, which requires an offset)."""
+
+
 class FindingOutput(serializers.ModelSerializer):
     box = serializers.ListField(child=serializers.FloatField(), allow_null=True, read_only=True)
 
     class Meta:
         model = Finding
         fields = ["id", "pathology", "abnormality_class", "box", "source", "attributes"]
+        read_only_fields = fields  # output only: the schema marks every field as always present
 
 
 class InstanceOutput(serializers.ModelSerializer):
@@ -66,6 +77,7 @@ class InstanceOutput(serializers.ModelSerializer):
             "thumbnail_url",
             "file_url",
         ]
+        read_only_fields = fields
 
     def _url(self, obj: Instance, name: str) -> str | None:
         from django.urls import reverse
@@ -80,6 +92,7 @@ class InstanceOutput(serializers.ModelSerializer):
     def get_thumbnail_url(self, obj: Instance) -> str | None:
         return self._url(obj, "api:instance-thumbnail")
 
+    @extend_schema_field(OpenApiTypes.STR)  # never null: every instance has its file
     def get_file_url(self, obj: Instance) -> str | None:
         return self._url(obj, "api:instance-file")
 
@@ -99,19 +112,65 @@ class SeriesOutput(serializers.ModelSerializer):
             "manufacturer_model",
             "instances",
         ]
+        read_only_fields = fields
 
 
 class PatientOutput(serializers.Serializer):
     patient_id = serializers.CharField()
     issuer_of_patient_id = serializers.CharField()
-    name = serializers.CharField()
+    name = serializers.CharField(help_text="DICOM PN, e.g. 'Family^Given'")
     sex = serializers.CharField()
-    birth_date = serializers.DateField()
+    birth_date = serializers.DateField(allow_null=True)
     is_synthetic = serializers.BooleanField()
+
+
+class InstanceDetailOutput(InstanceOutput):
+    series_instance_uid = serializers.CharField(source="series.series_instance_uid")
+    study_instance_uid = serializers.CharField(source="series.study.study_instance_uid")
+    modality = serializers.CharField(source="series.modality")
+
+    class Meta(InstanceOutput.Meta):
+        fields = InstanceOutput.Meta.fields + ["series_instance_uid", "study_instance_uid", "modality"]
+        read_only_fields = fields
+
+
+class UploadResultOutput(serializers.Serializer):
+    """One file's outcome (services.IngestResult.as_dict)."""
+
+    file = serializers.CharField(help_text="The file's name as sent (multipart filename or X-Filename).")
+    status = serializers.IntegerField(help_text="HTTP status for this file: 201 stored, 200 duplicate, 4xx rejected.")
+    outcome = serializers.ChoiceField(choices=[o.value for o in Outcome])
+    sop_instance_uid = serializers.CharField(required=False, help_text="Stored or duplicate files only.")
+    series_instance_uid = serializers.CharField(required=False, help_text="Stored or duplicate files only.")
+    study_instance_uid = serializers.CharField(required=False, help_text="Stored or duplicate files only.")
+    error = serializers.CharField(required=False, help_text="Rejected files only: why, in one line.")
+
+
+class UploadOutput(serializers.Serializer):
+    stored = serializers.IntegerField()
+    duplicates = serializers.IntegerField()
+    rejected = serializers.IntegerField()
+    results = UploadResultOutput(many=True)
+
+
+class UploadErrorOutput(ErrorOutput):
+    """An upload refused whole: the error, with the per-file report when files were read."""
+
+    stored = serializers.IntegerField(required=False)
+    duplicates = serializers.IntegerField(required=False)
+    rejected = serializers.IntegerField(required=False)
+    results = UploadResultOutput(many=True, required=False)
+
+
+class UploadInput(serializers.Serializer):
+    """multipart/form-data: one or more parts named `file` (documentation only)."""
+
+    file = serializers.ListField(child=BinaryFileField(), min_length=1, help_text="DICOM Part 10 files.")
 
 
 class StudySummaryOutput(serializers.ModelSerializer):
     patient = PatientOutput(read_only=True)
+    study_time = LocalTimeField(read_only=True, allow_null=True)
     instance_count = serializers.IntegerField(read_only=True)
     url = serializers.SerializerMethodField()
 
@@ -132,6 +191,7 @@ class StudySummaryOutput(serializers.ModelSerializer):
             "created_at",
             "url",
         ]
+        read_only_fields = fields
 
     def get_url(self, obj: Study) -> str:
         from django.urls import reverse
@@ -146,10 +206,13 @@ class StudyDetailOutput(StudySummaryOutput):
 
     class Meta(StudySummaryOutput.Meta):
         fields = [f for f in StudySummaryOutput.Meta.fields if f != "instance_count"] + ["cohorts", "series"]
+        read_only_fields = fields
 
 
 class StudyFilterInput(serializers.Serializer):
-    q = serializers.CharField(required=False, allow_blank=True)
+    q = serializers.CharField(
+        required=False, allow_blank=True, help_text="Free text: patient name or ID, accession, description."
+    )
     patient_id = serializers.CharField(required=False, allow_blank=True)
     patient_name = serializers.CharField(required=False, allow_blank=True)
     accession = serializers.CharField(required=False, allow_blank=True)
@@ -166,11 +229,13 @@ class StudyFilterInput(serializers.Serializer):
 
 
 class RenderInput(serializers.Serializer):
-    frame = serializers.IntegerField(required=False, min_value=1, default=1)
+    frame = serializers.IntegerField(required=False, min_value=1, default=1, help_text="1-based frame number.")
     preset = serializers.ChoiceField(choices=list(PRESETS), required=False, default="default")
-    wc = serializers.FloatField(required=False)
-    ww = serializers.FloatField(required=False, min_value=1)
-    size = serializers.IntegerField(required=False, min_value=16, max_value=8192)
+    wc = serializers.FloatField(required=False, help_text="Window centre (give ww too); overrides the preset.")
+    ww = serializers.FloatField(required=False, min_value=1, help_text="Window width (give wc too).")
+    size = serializers.IntegerField(
+        required=False, min_value=16, max_value=8192, help_text="Longest side of the image in pixels."
+    )
 
     def validate(self, attrs):
         if ("wc" in attrs) != ("ww" in attrs):
@@ -191,11 +256,22 @@ class StudyListApi(ApiView):
     """GET /api/v1/studies/: filters q, patient_id, patient_name, accession, modality,
     date_from, date_to (YYYY-MM-DD), cohort, sort; paginated with page and page_size."""
 
+    pagination_class = StudyPagination
+
+    @extend_schema(
+        operation_id="studies_list",
+        summary="List studies",
+        parameters=[StudyFilterInput],
+        responses={
+            200: StudySummaryOutput(many=True),
+            **error_responses(400, 404, _404="A page past the last one."),
+        },
+    )
     def get(self, request):
         filters = StudyFilterInput(data=request.query_params)
         filters.is_valid(raise_exception=True)
         studies = selectors.study_list(**filters.validated_data)
-        paginator = StudyPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(studies, request, view=self)
         return paginator.get_paginated_response(StudySummaryOutput(page, many=True).data)
 
@@ -203,6 +279,12 @@ class StudyListApi(ApiView):
 class StudyDetailApi(ApiView):
     """GET /api/v1/studies/{study_instance_uid}/ with its series, instances and findings."""
 
+    @extend_schema(
+        operation_id="studies_retrieve",
+        summary="One study with its series, instances and findings",
+        parameters=[OpenApiParameter("study_instance_uid", str, OpenApiParameter.PATH, description="StudyInstanceUID")],
+        responses={200: StudyDetailOutput, **error_responses(404)},
+    )
     def get(self, request, study_instance_uid: str):
         try:
             study = selectors.study_get(study_instance_uid=study_instance_uid)
@@ -223,6 +305,38 @@ class InstanceUploadApi(ApiView):
 
     parser_classes = [MultiPartParser]
 
+    @extend_schema(
+        operation_id="instances_create",
+        summary="Store DICOM files",
+        request={"multipart/form-data": UploadInput, "application/dicom": OpenApiTypes.BINARY},
+        parameters=[
+            OpenApiParameter(
+                "X-Filename",
+                str,
+                OpenApiParameter.HEADER,
+                description="With an application/dicom body: the file's name, echoed in `results[].file`.",
+            )
+        ],
+        responses={
+            201: OpenApiResponse(
+                UploadOutput, description="Every file was stored or a duplicate, and at least one was stored."
+            ),
+            200: OpenApiResponse(UploadOutput, description="Every file was a duplicate of a stored one."),
+            202: OpenApiResponse(UploadOutput, description="Some files were rejected: see `results`."),
+            **error_responses(
+                400,
+                409,
+                413,
+                415,
+                schema=UploadErrorOutput,
+                _400="No file, a malformed body, or every file rejected (one file: its own status).",
+                _409="The one file sent has other bytes under a stored SOPInstanceUID.",
+                _413="The request, or the one file sent, is over PRECEDENT_MAX_UPLOAD_BYTES.",
+                _415="Neither multipart/form-data nor application/dicom, or the one file sent has pixel data "
+                "in a transfer syntax no installed decoder reads.",
+            ),
+        },
+    )
     def post(self, request):
         from django.conf import settings
 
@@ -287,24 +401,62 @@ class _InstanceApi(ApiView):
             return error_response(f"no instance with SOPInstanceUID {sop_instance_uid}", status.HTTP_404_NOT_FOUND)
 
 
+SOP_INSTANCE_UID = OpenApiParameter("sop_instance_uid", str, OpenApiParameter.PATH, description="SOPInstanceUID")
+
+
+def render_schema(*, operation_id: str, summary: str):
+    """The schema of the PNG endpoints (thumbnail.png differs only in its default size)."""
+    return extend_schema(
+        operation_id=operation_id,
+        summary=summary,
+        parameters=[
+            SOP_INSTANCE_UID,
+            RenderInput,
+            OpenApiParameter("X-Window-Center", float, OpenApiParameter.HEADER, response=[200]),
+            OpenApiParameter("X-Window-Width", float, OpenApiParameter.HEADER, response=[200]),
+        ],
+        responses={
+            (200, "image/png"): OpenApiResponse(
+                OpenApiTypes.BINARY, description="PNG; the window applied is in X-Window-Center and X-Window-Width."
+            ),
+            **{
+                (code, "application/json"): response
+                for code, response in error_responses(
+                    400, 404, 422, _422="No image pixel data, or pixel data that cannot be decoded."
+                ).items()
+            },
+        },
+    )
+
+
 class InstanceDetailApi(_InstanceApi):
     """GET /api/v1/instances/{sop_instance_uid}/: header values, findings, links."""
 
+    @extend_schema(
+        operation_id="instances_retrieve",
+        summary="One instance: header values, findings, links",
+        parameters=[SOP_INSTANCE_UID],
+        responses={200: InstanceDetailOutput, **error_responses(404)},
+    )
     def get(self, request, sop_instance_uid: str):
         instance = self.instance_or_404(sop_instance_uid)
         if isinstance(instance, Response):
             return instance
-        data = InstanceOutput(instance).data
-        series = instance.series
-        data["series_instance_uid"] = series.series_instance_uid
-        data["study_instance_uid"] = series.study.study_instance_uid
-        data["modality"] = series.modality
-        return Response(data)
+        return Response(InstanceDetailOutput(instance).data)
 
 
 class InstanceFileApi(_InstanceApi):
     """GET /api/v1/instances/{sop_instance_uid}/file: the stored DICOM file."""
 
+    @extend_schema(
+        operation_id="instances_file",
+        summary="Download the stored DICOM file",
+        parameters=[SOP_INSTANCE_UID],
+        responses={
+            (200, "application/dicom"): OpenApiResponse(OpenApiTypes.BINARY, description="The DICOM Part 10 file."),
+            **{(code, "application/json"): response for code, response in error_responses(404).items()},
+        },
+    )
     def get(self, request, sop_instance_uid: str):
         instance = self.instance_or_404(sop_instance_uid)
         if isinstance(instance, Response):
@@ -325,6 +477,7 @@ class InstancePreviewApi(_InstanceApi):
 
     max_size: int | None = None
 
+    @render_schema(operation_id="instances_preview", summary="The instance rendered as PNG")
     def get(self, request, sop_instance_uid: str):
         instance = self.instance_or_404(sop_instance_uid)
         if isinstance(instance, Response):
@@ -361,3 +514,7 @@ class InstanceThumbnailApi(InstancePreviewApi):
     """GET /api/v1/instances/{sop_instance_uid}/thumbnail.png (256 px, default window)."""
 
     max_size = services.THUMBNAIL_SIZE
+
+    @render_schema(operation_id="instances_thumbnail", summary="The instance as a PNG thumbnail (256 px by default)")
+    def get(self, request, sop_instance_uid: str):
+        return super().get(request, sop_instance_uid)

@@ -57,6 +57,7 @@ INSTALLED_APPS = [
     "dicomweb",
     "dimse",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
 ]
 
 MIDDLEWARE = [
@@ -119,7 +120,7 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 LOGIN_URL = "login"
-LOGIN_REDIRECT_URL = "studies:list"
+LOGIN_REDIRECT_URL = "triage:worklist"  # the radiologist's home page
 LOGOUT_REDIRECT_URL = "login"
 
 LANGUAGE_CODE = "en-us"
@@ -165,6 +166,25 @@ PRECEDENT_INDEX_APPROX_THRESHOLD = env_int("PRECEDENT_INDEX_APPROX_THRESHOLD", 2
 # How often a process checks PostgreSQL for embeddings other processes added or deleted.
 PRECEDENT_INDEX_SYNC_SECONDS = env_float("PRECEDENT_INDEX_SYNC_SECONDS", 1.0, minimum=0)
 
+# Triage: finding classes that make a study urgent ("pathology:class", * = any; a bare
+# class = any pathology), the triage tasks images are checked for, and the share of
+# likely-negative studies read anyway for QA (a hash of seed + study UID picks them).
+PRECEDENT_URGENT_FINDINGS = env_list(
+    "PRECEDENT_URGENT_FINDINGS",
+    ["malignant:mass", "malignant:SPIC", "malignant:CIRC", "malignant:MISC", "*:pneumothorax"],
+)
+PRECEDENT_TRIAGE_TASKS = env_list("PRECEDENT_TRIAGE_TASKS", ["mammography", "chest"])
+PRECEDENT_TRIAGE_QA_FRACTION = env_float("PRECEDENT_TRIAGE_QA_FRACTION", 0.05, minimum=0)
+PRECEDENT_TRIAGE_QA_SEED = env_str("PRECEDENT_TRIAGE_QA_SEED", "precedent-qa")
+
+# DICOM C-STORE listener (`manage.py dicom_listener`): its AE title, address and port,
+# the calling AE titles it accepts (empty: any), and whether senders must call its title.
+PRECEDENT_DICOM_AE_TITLE = env_str("PRECEDENT_DICOM_AE_TITLE", "PRECEDENT")
+PRECEDENT_DICOM_BIND = env_str("PRECEDENT_DICOM_BIND", "127.0.0.1")
+PRECEDENT_DICOM_PORT = env_int("PRECEDENT_DICOM_PORT", 11112, minimum=1)
+PRECEDENT_DICOM_ALLOWED_AE_TITLES = env_list("PRECEDENT_DICOM_ALLOWED_AE_TITLES", [])
+PRECEDENT_DICOM_REQUIRE_CALLED_AE_TITLE = env_bool("PRECEDENT_DICOM_REQUIRE_CALLED_AE_TITLE", True)
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
@@ -182,6 +202,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Similar-case search and worklist triage for radiology: studies, instances, search.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI from the installed sidecar package: no CDN (hospital networks are often offline).
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "PREPROCESSING_HOOKS": ["precedent.api.rest_api_only"],
+    "ENUM_NAME_OVERRIDES": {"TriageCategoryEnum": "triage.models.Category"},
 }
 
 LOGGING = {

@@ -1,0 +1,62 @@
+"""The worklist in a real browser: new studies announced live without moving the list,
+read marks swapping one row. Real files ingested; Chromium drives the htmx page."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from pydicom.uid import generate_uid
+
+from studies.models import Finding
+
+expect = pytest.importorskip("playwright.sync_api").expect
+
+
+@pytest.mark.browser
+def test_live_arrivals_keep_the_scroll_position(
+    transactional_db, live_server, user, browser_page, ingest, mammogram, make_dicom, monkeypatch
+):
+    from triage import views
+
+    monkeypatch.setattr(views, "POLL_SECONDS", 1)
+    flagged = ingest(mammogram(patient_id="FLAGGED"))
+    Finding.objects.create(instance=flagged, pathology="malignant", abnormality_class="SPIC", source="radiologist")
+    for number in range(30):  # enough rows to scroll
+        ingest(
+            make_dicom(PatientID=f"CT-{number:02d}", StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid())
+        )
+
+    page = browser_page
+    page.goto(live_server.url + "/worklist/")
+    page.fill("#id_username", user.username)
+    page.fill("#id_password", "a-long-test-password")
+    page.click("button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/worklist/$"))
+    rows = page.locator("tr.worklist-row")
+    expect(rows).to_have_count(31)
+    expect(rows.first).to_contain_text("Urgent")
+
+    page.evaluate("window.scrollTo(0, 600)")
+    page.evaluate("window.__worklistMarker = 1")  # gone if the page reloads
+    top_row = page.evaluate("document.elementFromPoint(400, 300).closest('tr').id")
+    ingest(mammogram(patient_id="LATE"))
+    bar = page.locator(".changes-bar")
+    expect(bar).to_contain_text("1 new study", timeout=10_000)
+    # The list under the cursor did not move or re-render.
+    assert page.evaluate("window.scrollY") == 600
+    assert page.evaluate("document.elementFromPoint(400, 300).closest('tr').id") == top_row
+    expect(rows).to_have_count(31)
+
+    # Marking a row read swaps only that row, with an undo.
+    row = page.locator(f"#{top_row}")
+    row.get_by_role("button", name="Mark read").click()
+    expect(row.get_by_role("button", name="Mark unread")).to_be_visible()
+    expect(row).to_have_class(re.compile(r"is-read"))
+    assert page.evaluate("window.scrollY") == 600
+
+    bar.get_by_role("link", name="Show").click()
+    expect(rows).to_have_count(31)  # one read study left, one new arrived
+    expect(page.locator("#worklist-results")).to_contain_text("LATE")
+    expect(bar).to_have_count(0)
+    assert page.evaluate("window.__worklistMarker") == 1

@@ -1,0 +1,69 @@
+"""Admin for triage rows. Results, quality verdicts and the audit trail are written by
+the services only, so they are read-only here; model versions and operating points
+are edited by the train and calibrate commands (sign-off gets its own page)."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+
+from .models import ImageQuality, OperatingPoint, StudyRead, TriageAudit, TriageModelVersion, TriageResult
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(TriageModelVersion)
+class TriageModelVersionAdmin(admin.ModelAdmin):
+    list_display = ["name", "kind", "architecture", "status", "created_at", "activated_at"]
+    list_filter = ["kind", "status"]
+    search_fields = ["name", "sha256"]
+    readonly_fields = ["weights_path", "sha256", "created_at", "activated_at"]
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # Results name the versions that made them: retire a version, never delete it.
+        return False
+
+
+@admin.register(OperatingPoint)
+class OperatingPointAdmin(ReadOnlyAdmin):
+    list_display = [
+        "threshold", "sensitivity", "specificity", "workload_reduction", "validation_cohort",
+        "computed_at", "signed_off_by", "signed_off_at",
+    ]  # fmt: skip
+    list_filter = ["signed_off_at"]
+
+
+@admin.register(TriageResult)
+class TriageResultAdmin(ReadOnlyAdmin):
+    list_display = ["study", "category", "is_current", "qa_read", "overridden_by", "created_at"]
+    list_filter = ["category", "is_current", "qa_read"]
+    search_fields = ["study__study_instance_uid", "study__accession_number", "study__patient__patient_id"]
+    raw_id_fields = ["study"]
+
+
+@admin.register(ImageQuality)
+class ImageQualityAdmin(ReadOnlyAdmin):
+    list_display = ["instance", "assessable", "task", "reasons", "checked_at"]
+    list_filter = ["assessable", "task"]
+    search_fields = ["instance__sop_instance_uid"]
+
+
+@admin.register(StudyRead)
+class StudyReadAdmin(admin.ModelAdmin):
+    list_display = ["study", "user", "read_at"]
+    search_fields = ["study__study_instance_uid"]
+    raw_id_fields = ["study", "user"]
+
+
+@admin.register(TriageAudit)
+class TriageAuditAdmin(ReadOnlyAdmin):
+    list_display = ["created_at", "action", "user", "study", "operating_point", "note"]
+    list_filter = ["action"]
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

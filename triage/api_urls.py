@@ -1,0 +1,12 @@
+"""/api/v1/ routes for triage: the worklist and one study's triage."""
+
+from django.urls import path
+
+from . import apis
+
+app_name = "triage-api"
+
+urlpatterns = [
+    path("worklist/", apis.WorklistApi.as_view(), name="worklist"),
+    path("studies/<str:study_instance_uid>/triage/", apis.StudyTriageApi.as_view(), name="study-triage"),
+]

@@ -1,0 +1,29 @@
+"""Triage every study as its images arrive, and again when a radiologist's finding on
+it changes (a radiologist's flag can make a study urgent)."""
+
+from __future__ import annotations
+
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
+
+from precedent.tasks import enqueue
+from studies.models import Finding, Instance, Series
+from studies.signals import instance_stored
+
+
+@receiver(instance_stored, sender=Instance)
+def triage_on_arrival(sender, instance: Instance, **kwargs) -> None:
+    study_id = Series.objects.filter(pk=instance.series_id).values_list("study_id", flat=True).first()
+    if study_id is not None:
+        enqueue("triage.triage_study", study_id=study_id)
+
+
+@receiver(post_save, sender=Finding)
+@receiver(post_delete, sender=Finding)
+def triage_on_radiologist_finding(sender, instance: Finding, **kwargs) -> None:
+    # Dataset ground truth never steers the worklist: it is what evaluation measures against.
+    if instance.source != Finding.Source.RADIOLOGIST:
+        return
+    study_id = Instance.objects.filter(pk=instance.instance_id).values_list("series__study_id", flat=True).first()
+    if study_id is not None:
+        enqueue("triage.triage_study", study_id=study_id)

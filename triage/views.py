@@ -1,0 +1,183 @@
+"""Worklist pages (htmx): thin views over the same selectors and services as the API.
+
+The list is swapped as a partial when the filters change. New studies do not re-render
+it: a small bar polls `worklist_changes` every POLL_SECONDS and offers "N new studies —
+show", so the radiologist's scroll position and place in the list survive until they
+ask. Read marks swap one row; evidence (similar confirmed cases) loads per flagged
+row when it scrolls into view, so the list never waits for a search.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from django import forms
+from django.core.paginator import Page, Paginator
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, QueryDict
+from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.cache import patch_vary_headers
+from django.utils.dateparse import parse_datetime
+from django.views.decorators.http import require_POST, require_safe
+from django_htmx.http import push_url
+
+from studies import selectors as study_selectors
+from studies.models import Study
+from studies.views import canonical_query
+
+from . import selectors, services
+from .models import Category
+
+STUDIES_PER_PAGE = 50
+POLL_SECONDS = 10
+LIST_TARGET = "worklist-results"
+
+
+class WorklistFilterForm(forms.Form):
+    """The worklist filters from the query string; a bad value is reported and ignored."""
+
+    modality = forms.ChoiceField(required=False)
+    date_from = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
+    date_to = forms.DateField(required=False, label="To", widget=forms.DateInput(attrs={"type": "date"}))
+    category = forms.MultipleChoiceField(
+        required=False, choices=Category.choices, widget=forms.CheckboxSelectMultiple, label="Category"
+    )
+    include_read = forms.BooleanField(required=False, label="Show read studies")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["modality"].choices = [("", "Any modality"), *((m, m) for m in study_selectors.study_modalities())]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if data.get("date_from") and data.get("date_to") and data["date_from"] > data["date_to"]:
+            self.add_error("date_to", "is before the From date")
+        return data
+
+    def selector_filters(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        return {
+            "modality": data.get("modality", ""),
+            "date_from": data.get("date_from"),
+            "date_to": data.get("date_to"),
+            "categories": data.get("category", []),
+            "include_read": data.get("include_read", False),
+        }
+
+
+def filtered_worklist(params: QueryDict):
+    form = WorklistFilterForm(params)
+    form.is_valid()  # keeps the fields that validated; the template lists the others as ignored
+    return form, selectors.worklist(**form.selector_filters())
+
+
+def decorate(study: Study) -> Study:
+    """What a row shows beyond the annotations: the category's label and the numeric
+    top-level scores (per-image and per-breast detail stays in the API)."""
+    study.category_label = Category(study.category).label
+    study.flagged = study.category in selectors.FLAGGED
+    study.score_items = [
+        (name, value)
+        for name, value in (study.scores or {}).items()
+        if isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ]
+    return study
+
+
+@dataclass
+class Group:
+    section: selectors.Section
+    studies: list[Study]
+
+
+def page_groups(page: Page, sections: list[selectors.Section]) -> list[Group]:
+    by_rank = {section.rank: section for section in sections}
+    groups: list[Group] = []
+    for study in page:
+        if not groups or groups[-1].section.rank != study.rank:
+            groups.append(Group(by_rank[study.rank], []))
+        groups[-1].studies.append(decorate(study))
+    return groups
+
+
+@require_safe
+def worklist(request: HttpRequest) -> HttpResponse:
+    query = canonical_query(request.GET)
+    form, studies = filtered_worklist(query)
+    page = Paginator(studies, STUDIES_PER_PAGE).get_page(request.GET.get("page"))
+    sections = selectors.worklist_sections(studies)
+    context = {
+        "form": form,
+        "page": page,
+        "groups": page_groups(page, sections),
+        "sections": sections,
+        "query": query,
+        "poll_query": without_page(query),
+        "since": timezone.now().isoformat(),
+        "poll_seconds": POLL_SECONDS,
+    }
+    partial = bool(request.htmx) and request.htmx.target == LIST_TARGET and not request.htmx.history_restore_request
+    if partial:
+        response = render(request, "triage/partials/_worklist.html", context)
+        url = reverse("triage:worklist")
+        push_url(response, f"{url}?{query.urlencode()}" if query else url)
+    else:
+        response = render(request, "triage/worklist.html", context)
+    patch_vary_headers(response, ["HX-Request", "HX-Target"])
+    return response
+
+
+@require_safe
+def worklist_changes(request: HttpRequest) -> HttpResponse:
+    """The polling bar: how many studies arrived (or were flagged) since the list was drawn."""
+    query = without_page(canonical_query(request.GET))
+    since = parse_since(query.pop("since", [""])[-1])
+    _form, studies = filtered_worklist(query)
+    context = {
+        "changes": selectors.worklist_changes(studies, since=since),
+        "since": since.isoformat(),
+        "query": query,
+        "poll_seconds": POLL_SECONDS,
+    }
+    return render(request, "triage/partials/_changes.html", context)
+
+
+def without_page(query: QueryDict) -> QueryDict:
+    """The filters alone: "Show" after new arrivals starts from the first page."""
+    filters = query.copy()
+    filters.pop("page", None)
+    return filters
+
+
+def parse_since(value: str) -> dt.datetime:
+    """The bar's reference time; a missing or garbled one counts from now (no bar)."""
+    try:
+        since = parse_datetime(value)
+    except ValueError:  # well formed but impossible, e.g. month 13
+        since = None
+    if since is None:
+        return timezone.now()
+    return timezone.make_aware(since) if timezone.is_naive(since) else since
+
+
+@require_POST
+def mark_read(request: HttpRequest, study_instance_uid: str) -> HttpResponse:
+    """Mark a study read (read=1) or unread (read=0). htmx gets the row back, dimmed
+    with an undo button rather than removed, so the rows under the cursor do not move."""
+    study = get_object_or_404(Study, study_instance_uid=study_instance_uid)
+    services.study_mark_read(study=study, user=request.user, read=request.POST.get("read", "1") != "0")
+    if not request.htmx:
+        return HttpResponseRedirect(reverse("triage:worklist"))
+    row = decorate(selectors.worklist(include_read=True).get(pk=study.pk))
+    return render(request, "triage/partials/_row.html", {"study": row})
+
+
+@require_safe
+def evidence(request: HttpRequest, study_instance_uid: str) -> HttpResponse:
+    """Similar confirmed prior cases for one flagged study (empty when search cannot answer)."""
+    study = get_object_or_404(Study, study_instance_uid=study_instance_uid)
+    return render(request, "triage/partials/_evidence.html", {"evidence": selectors.study_evidence(study=study)})
