@@ -123,7 +123,10 @@ class Instance(models.Model):
     transfer_syntax_uid = models.CharField(max_length=64)
     has_pixel_data = models.BooleanField(default=False)
     file_path = models.CharField(max_length=255, help_text="Relative to PRECEDENT_HOME")
-    sha256 = models.CharField(max_length=64, db_index=True)
+    sha256 = models.CharField(max_length=64, db_index=True, help_text="Of the stored file")
+    dataset_sha256 = models.CharField(
+        max_length=64, blank=True, help_text="Of the dataset after the File Meta: the same instance by any route"
+    )
     size = models.BigIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -113,7 +113,10 @@ def _store(store: DicomStore, spooled: Spooled, header: DicomHeader) -> tuple[Ou
                 cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [header.sop_instance_uid])
             relative, created = store.commit(spooled)
             try:
-                return _insert_or_find(header, relative, spooled)
+                outcome, instance = _insert_or_find(header, relative, spooled)
+                if outcome == Outcome.DUPLICATE and created:
+                    store.remove(relative)  # the same dataset under another File Meta: keep the first copy
+                return outcome, instance
             except BaseException:
                 # Still inside the transaction, so still holding the lock: nobody else
                 # can have placed a row on this file.
@@ -132,12 +135,12 @@ def _store(store: DicomStore, spooled: Spooled, header: DicomHeader) -> tuple[Ou
 
 
 def _insert_or_find(header: DicomHeader, relative: str, spooled: Spooled) -> tuple[Outcome, Instance]:
-    instance = _insert_instance(header, relative, spooled.sha256, spooled.size)
+    instance = _insert_instance(header, relative, spooled)
     if instance is not None:
         return Outcome.STORED, instance
     existing = Instance.objects.filter(sop_instance_uid=header.sop_instance_uid).first()
     if existing is not None:
-        if existing.sha256 != spooled.sha256:
+        if not _same_content(existing, spooled):
             raise InstanceConflict(
                 f"SOPInstanceUID {header.sop_instance_uid} is already stored with different content"
                 f" (stored: {existing.transfer_syntax_name}, {existing.size} bytes;"
@@ -145,9 +148,17 @@ def _insert_or_find(header: DicomHeader, relative: str, spooled: Spooled) -> tup
             )
         return Outcome.DUPLICATE, existing
     _create_series(header)
-    instance = _insert_instance(header, relative, spooled.sha256, spooled.size)
+    instance = _insert_instance(header, relative, spooled)
     assert instance is not None, "the series was just created under this transaction"
     return Outcome.STORED, instance
+
+
+def _same_content(existing: Instance, spooled: Spooled) -> bool:
+    """The same instance again: the same file, or the same dataset under another
+    route's File Meta (a C-STORE after an upload, a re-export by a workstation)."""
+    if existing.sha256 == spooled.sha256:
+        return True
+    return bool(existing.dataset_sha256) and existing.dataset_sha256 == spooled.dataset_sha256
 
 
 def _remove_if_unreferenced(store: DicomStore, relative: str, sop_instance_uid: str, sha256: str) -> None:
@@ -174,7 +185,7 @@ def _result(name: str, outcome: Outcome, status: int, instance: Instance, header
     )
 
 
-def _instance_fields(h: DicomHeader, relative: str, sha256: str, size: int) -> dict[str, Any]:
+def _instance_fields(h: DicomHeader, relative: str, sha256: str, size: int, dataset_sha256: str) -> dict[str, Any]:
     return {
         "sop_instance_uid": h.sop_instance_uid,
         "sop_class_uid": h.sop_class_uid,
@@ -192,18 +203,19 @@ def _instance_fields(h: DicomHeader, relative: str, sha256: str, size: int) -> d
         "has_pixel_data": h.has_pixel_data,
         "file_path": relative,
         "sha256": sha256,
+        "dataset_sha256": dataset_sha256,
         "size": size,
     }
 
 
-def _insert_instance(h: DicomHeader, relative: str, sha256: str, size: int) -> Instance | None:
+def _insert_instance(h: DicomHeader, relative: str, spooled: Spooled) -> Instance | None:
     """INSERT the instance into its series found by UID, in one statement.
 
     Returns None when nothing was inserted: the SOP UID is already stored, or the
     series does not exist yet. Raw SQL because the ORM's get-then-create chain costs
     five round trips per instance, which measured as most of the ingest time.
     """
-    fields = _instance_fields(h, relative, sha256, size)
+    fields = _instance_fields(h, relative, spooled.sha256, spooled.size, spooled.dataset_sha256)
     sql = _insert_instance_sql(tuple(fields))
     with connection.cursor() as cursor:
         cursor.execute(sql, [*fields.values(), h.series_instance_uid])

@@ -20,18 +20,35 @@ from .errors import NotDicom, TooLarge
 
 CHUNK = 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
+# The File Meta of a Part 10 file ends within this many bytes (it is a few hundred).
+META_WINDOW = 64 * 1024
 
 
 @dataclass
 class Spooled:
-    """A received file, hashed, not yet in the store."""
+    """A received file, hashed, not yet in the store.
+
+    `dataset_sha256` hashes what follows the File Meta: the same instance sent by
+    another route (C-STORE, a re-export) gets a File Meta of that route's own
+    (implementation UID and version, source AE), but the same dataset bytes.
+    """
 
     path: Path
     sha256: str
     size: int
+    dataset_sha256: str
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def dataset_offset(head: bytes) -> int:
+    """Where the dataset starts in a Part 10 file: after the 128-byte preamble, "DICM"
+    and the File Meta group, whose length (0002,0000) comes first. 0 when `head` is not
+    laid out that way (the whole file is then hashed)."""
+    if len(head) >= 144 and head[128:132] == b"DICM" and head[132:138] == b"\x02\x00\x00\x00UL":
+        return min(len(head), 144 + int.from_bytes(head[140:144], "little"))
+    return 0
 
 
 class _Prefixed:
@@ -80,7 +97,8 @@ class DicomStore:
                 opened.close()
 
     def _copy(self, stream: BinaryIO, first: bytes, max_bytes: int | None) -> Spooled:
-        digest = hashlib.sha256()
+        digest, dataset_digest = hashlib.sha256(), hashlib.sha256()
+        head: bytearray | None = bytearray()  # held until the File Meta's end is known
         fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         size = 0
         try:
@@ -93,19 +111,28 @@ class DicomStore:
                             raise TooLarge(f"file is larger than the upload limit of {max_bytes} bytes")
                         digest.update(chunk)
                         out.write(chunk)
+                        if head is None:
+                            dataset_digest.update(chunk)
+                        else:
+                            head += chunk
+                            if len(head) >= META_WINDOW:
+                                dataset_digest.update(head[dataset_offset(head) :])
+                                head = None
                     try:
                         chunk = stream.read(CHUNK)
                     except (OSError, EOFError) as exc:  # corrupt gzip stream
                         raise NotDicom(f"cannot read the file: {exc}") from None
                     if not chunk:
                         break
+                if head is not None:
+                    dataset_digest.update(head[dataset_offset(head) :])
                 if self.fsync:
                     out.flush()
                     os.fsync(out.fileno())
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
-        return Spooled(path=Path(name), sha256=digest.hexdigest(), size=size)
+        return Spooled(path=Path(name), sha256=digest.hexdigest(), size=size, dataset_sha256=dataset_digest.hexdigest())
 
     @staticmethod
     def relative_path(sha256: str) -> str:

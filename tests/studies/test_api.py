@@ -333,3 +333,24 @@ def test_raw_body_errors(api):
     assert response.status_code == 400 and "not a DICOM Part 10 file" in response.json()["error"]
     response = api.generic("POST", "/api/v1/instances/", b'{"a": 1}', content_type="application/json")
     assert response.status_code == 415 and "error" in response.json()
+
+
+def test_same_dataset_under_another_file_meta_is_a_duplicate(api, make_dicom, precedent_home):
+    """A C-STORE or a workstation re-export gives the same dataset a File Meta of its own."""
+    import io
+
+    first = make_dicom()
+    ds = pydicom.dcmread(io.BytesIO(first))
+    ds.file_meta.ImplementationVersionName = "OTHER_ROUTE_1"
+    ds.file_meta.SourceApplicationEntityTitle = "MODALITY"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    again = buffer.getvalue()
+    assert again != first
+
+    assert api.post("/api/v1/instances/", {"file": upload("a.dcm", first)}, format="multipart").status_code == 201
+    response = api.post("/api/v1/instances/", {"file": upload("b.dcm", again)}, format="multipart")
+    assert response.status_code == 200 and response.json()["results"][0]["outcome"] == "duplicate"
+    stored = Instance.objects.get()
+    assert (precedent_home / stored.file_path).read_bytes() == first
+    assert len(list((precedent_home / "dicom").rglob("*.dcm"))) == 1
