@@ -55,7 +55,7 @@ class WorklistItemOutput(serializers.Serializer):
     """One study of the worklist (a Study annotated by selectors.worklist)."""
 
     study_instance_uid = serializers.CharField()
-    patient = PatientOutput()
+    patient = PatientOutput(source="*")
     accession_number = serializers.CharField()
     study_date = serializers.DateField(allow_null=True)
     description = serializers.CharField()

@@ -116,12 +116,15 @@ class SeriesOutput(serializers.ModelSerializer):
 
 
 class PatientOutput(serializers.Serializer):
-    patient_id = serializers.CharField()
-    issuer_of_patient_id = serializers.CharField()
-    name = serializers.CharField(help_text="DICOM PN, e.g. 'Family^Given'")
-    sex = serializers.CharField()
-    birth_date = serializers.DateField(allow_null=True)
-    is_synthetic = serializers.BooleanField()
+    """The patient as a study names them: the ID groups studies; name, sex and birth
+    date are the study's own (they can differ between studies under one ID)."""
+
+    patient_id = serializers.CharField(source="patient.patient_id")
+    issuer_of_patient_id = serializers.CharField(source="patient.issuer_of_patient_id")
+    name = serializers.CharField(source="patient_name", help_text="DICOM PN, e.g. 'Family^Given'")
+    sex = serializers.CharField(source="patient_sex")
+    birth_date = serializers.DateField(source="patient_birth_date", allow_null=True)
+    is_synthetic = serializers.BooleanField(source="patient.is_synthetic")
 
 
 class InstanceDetailOutput(InstanceOutput):
@@ -169,7 +172,7 @@ class UploadInput(serializers.Serializer):
 
 
 class StudySummaryOutput(serializers.ModelSerializer):
-    patient = PatientOutput(read_only=True)
+    patient = PatientOutput(source="*", read_only=True)
     study_time = LocalTimeField(read_only=True, allow_null=True)
     instance_count = serializers.IntegerField(read_only=True)
     url = serializers.SerializerMethodField()

@@ -348,6 +348,8 @@ def _time(ds: Dataset, keyword: str) -> dt.time | None:
     text = _text(ds, keyword, 32)
     if not text:
         return None
+    if ":" in text:  # ACR-NEMA style HH:MM:SS, still written by old modalities
+        text = text.replace(":", "")
     try:
         value = TM(text)
         return dt.time(value.hour, value.minute, value.second, value.microsecond)

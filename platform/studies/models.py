@@ -65,6 +65,13 @@ class Study(models.Model):
     description = models.CharField(max_length=255, blank=True)
     referring_physician = models.CharField(max_length=320, blank=True)
     institution_name = models.CharField(max_length=255, blank=True)
+    # The patient as this study's images name them. Patient rows group studies by ID;
+    # names, sex and birth date can differ between studies under one ID (a married name,
+    # a correction, several anonymous studies without an ID), and each study answers
+    # with its own (DICOMweb, the study page).
+    patient_name = models.CharField(max_length=320, blank=True)
+    patient_sex = models.CharField(max_length=16, blank=True)
+    patient_birth_date = models.DateField(null=True, blank=True)
     # Modalities of the study's series, kept here so list filters need no join.
     modalities = ArrayField(models.CharField(max_length=16), default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the first instance arrived")
@@ -84,6 +91,10 @@ class Study(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("studies:detail", args=[self.study_instance_uid])
+
+    @property
+    def patient_display_name(self) -> str:
+        return format_person_name(self.patient_name) or "(no name)"
 
 
 class Series(models.Model):

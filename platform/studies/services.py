@@ -259,6 +259,9 @@ def _create_series(h: DicomHeader) -> Series:
             "description": h.study_description,
             "referring_physician": h.referring_physician,
             "institution_name": h.institution_name,
+            "patient_name": h.patient_name,
+            "patient_sex": h.patient_sex,
+            "patient_birth_date": h.patient_birth_date,
         },
     )
     series, _ = Series.objects.get_or_create(

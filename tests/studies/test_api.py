@@ -354,3 +354,18 @@ def test_same_dataset_under_another_file_meta_is_a_duplicate(api, make_dicom, pr
     stored = Instance.objects.get()
     assert (precedent_home / stored.file_path).read_bytes() == first
     assert len(list((precedent_home / "dicom").rglob("*.dcm"))) == 1
+
+
+def test_each_study_keeps_the_patient_details_its_images_give(api, make_dicom):
+    """Two studies under one PatientID (a married name; anonymous studies without an ID)."""
+    import io
+
+    from pydicom.uid import generate_uid
+
+    for name in ("Maiden^Anna", "Married^Anna"):
+        data = make_dicom(PatientID="P-7", PatientName=name, StudyInstanceUID=generate_uid(),
+                          SeriesInstanceUID=generate_uid())  # fmt: skip
+        services.instance_ingest(source=io.BytesIO(data))
+    assert Patient.objects.filter(patient_id="P-7").count() == 1
+    names = {s["patient"]["name"] for s in api.get("/api/v1/studies/?patient_id=P-7").json()["results"]}
+    assert names == {"Maiden^Anna", "Married^Anna"}
