@@ -23,6 +23,7 @@ from django.db.models import Case, Count, Exists, F, FilteredRelation, OuterRef,
 from django.db.models.functions import Coalesce
 
 from embeddings.selectors import Hit, SearchError, similar_cases
+from studies import selectors as study_selectors
 from studies.models import Finding, Instance, Study
 
 from .models import Category, ImageQuality, TriageResult
@@ -73,12 +74,7 @@ def worklist(
     )
     if not include_read:
         qs = qs.filter(read_mark__isnull=True)
-    if modality:
-        qs = qs.filter(modalities__contains=[modality.upper()])
-    if date_from:
-        qs = qs.filter(study_date__gte=date_from)
-    if date_to:
-        qs = qs.filter(study_date__lte=date_to)
+    qs = study_selectors.filter_modality_dates(qs, modality=modality, date_from=date_from, date_to=date_to)
     if categories:
         qs = qs.filter(category__in=list(categories))
     return qs.order_by("rank", "created_at", "id")

@@ -25,7 +25,7 @@ from django.utils.dateparse import parse_datetime
 from django.views.decorators.http import require_POST, require_safe
 from django_htmx.http import push_url
 
-from studies import selectors as study_selectors
+from studies.forms import ModalityDateFilterForm
 from studies.models import Study
 from studies.views import canonical_query
 
@@ -37,26 +37,13 @@ POLL_SECONDS = 10
 LIST_TARGET = "worklist-results"
 
 
-class WorklistFilterForm(forms.Form):
+class WorklistFilterForm(ModalityDateFilterForm):
     """The worklist filters from the query string; a bad value is reported and ignored."""
 
-    modality = forms.ChoiceField(required=False)
-    date_from = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
-    date_to = forms.DateField(required=False, label="To", widget=forms.DateInput(attrs={"type": "date"}))
     category = forms.MultipleChoiceField(
         required=False, choices=Category.choices, widget=forms.CheckboxSelectMultiple, label="Category"
     )
     include_read = forms.BooleanField(required=False, label="Show read studies")
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.fields["modality"].choices = [("", "Any modality"), *((m, m) for m in study_selectors.study_modalities())]
-
-    def clean(self) -> dict[str, Any]:
-        data = super().clean()
-        if data.get("date_from") and data.get("date_to") and data["date_from"] > data["date_to"]:
-            self.add_error("date_to", "is before the From date")
-        return data
 
     def selector_filters(self) -> dict[str, Any]:
         data = self.cleaned_data

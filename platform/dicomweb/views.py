@@ -24,7 +24,7 @@ from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
-from precedent.api import ApiView, error_response
+from precedent.api import ApiView, body_over_limit, error_response
 from studies.errors import RenderError
 from studies.models import Instance
 from studies.services import dicom_store
@@ -193,12 +193,9 @@ def store(view: DicomwebView, request, study: str = "") -> HttpResponse:
     negotiate_json(view.accept)
     boundary = stow_boundary(request.META.get("CONTENT_TYPE"))
     limit = settings.PRECEDENT_MAX_UPLOAD_BYTES
-    try:
-        length = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
-    if length > limit:
-        raise BodyTooLarge(f"request of {length} bytes is over the upload limit of {limit} bytes")
+    too_large = body_over_limit(request)
+    if too_large:
+        raise BodyTooLarge(too_large)
     urls = view.urls
     outcome = services.stow(
         stream=_body(request), boundary=boundary, urls=urls, study_instance_uid=study, max_bytes=limit

@@ -26,6 +26,21 @@ class ApiView(APIView):
         return login_not_required_view(super().as_view(**initkwargs))
 
 
+def body_over_limit(request) -> str | None:
+    """Why a request's declared body is over PRECEDENT_MAX_UPLOAD_BYTES (checked before
+    anything reads it), or None."""
+    from django.conf import settings
+
+    limit = settings.PRECEDENT_MAX_UPLOAD_BYTES
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > limit:
+        return f"request of {length} bytes is over the upload limit of {limit} bytes"
+    return None
+
+
 def login_not_required_view(view):
     """A DRF view (e.g. a third-party one) that authenticates itself: let it past
     LoginRequiredMiddleware so it answers 401/403 instead of redirecting."""

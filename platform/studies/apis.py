@@ -14,7 +14,7 @@ from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 
-from precedent.api import ApiView, BinaryFileField, ErrorOutput, error_response, error_responses
+from precedent.api import ApiView, BinaryFileField, ErrorOutput, body_over_limit, error_response, error_responses
 
 from . import selectors, services
 from .dicom import PRESETS, Window, png_window
@@ -341,22 +341,13 @@ class InstanceUploadApi(ApiView):
         },
     )
     def post(self, request):
-        from django.conf import settings
-
-        limit = settings.PRECEDENT_MAX_UPLOAD_BYTES
-        try:
-            length = int(request.META.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = 0
-        if length > limit:
-            return error_response(
-                f"request of {length} bytes is over the upload limit of {limit} bytes",
-                status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-            )
+        too_large = body_over_limit(request)
+        if too_large:
+            return error_response(too_large, status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
         if request.content_type.split(";")[0].strip().lower() == "application/dicom":
             # One Part 10 file as the whole body (as Orthanc's POST /instances takes
             # it): streamed into the store without multipart parsing or a second copy.
-            if length == 0:
+            if request.META.get("CONTENT_LENGTH") in (None, "", "0"):
                 return error_response("empty body: send a DICOM file", status.HTTP_400_BAD_REQUEST)
             results = [services.instance_ingest(source=request.stream, name=request.headers.get("X-Filename", ""))]
         else:

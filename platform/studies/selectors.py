@@ -56,15 +56,23 @@ def study_list(
         qs = qs.filter(patient__name__icontains=patient_name)
     if accession:
         qs = qs.filter(accession_number=accession)
+    qs = filter_modality_dates(qs, modality=modality, date_from=date_from, date_to=date_to)
+    if cohort:
+        qs = qs.filter(cohorts__name=cohort)
+    return qs.order_by(*SORTS.get(sort, SORTS[DEFAULT_SORT]))
+
+
+def filter_modality_dates(
+    qs: QuerySet[Study], *, modality: str = "", date_from: dt.date | None = None, date_to: dt.date | None = None
+) -> QuerySet[Study]:
+    """Studies holding a modality, in a study-date range (shared by list and worklist)."""
     if modality:
         qs = qs.filter(modalities__contains=[modality.upper()])
     if date_from:
         qs = qs.filter(study_date__gte=date_from)
     if date_to:
         qs = qs.filter(study_date__lte=date_to)
-    if cohort:
-        qs = qs.filter(cohorts__name=cohort)
-    return qs.order_by(*SORTS.get(sort, SORTS[DEFAULT_SORT]))
+    return qs
 
 
 def study_modalities() -> list[str]:

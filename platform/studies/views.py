@@ -22,6 +22,7 @@ from django_htmx.http import push_url
 
 from . import selectors
 from .dicom import presets_for
+from .forms import ModalityDateFilterForm
 from .models import Cohort, Instance, Study, format_person_name
 
 STUDIES_PER_PAGE = 25
@@ -32,8 +33,8 @@ SORT_COLUMNS = [("patient", "Patient"), ("date", "Study date"), ("accession", "A
 LIST_TARGET = "study-results"
 
 
-class StudyFilterForm(forms.Form):
-    """The worklist filters from the query string; a bad value is reported and ignored."""
+class StudyFilterForm(ModalityDateFilterForm):
+    """The study list's filters from the query string; a bad value is reported and ignored."""
 
     q = forms.CharField(
         required=False,
@@ -41,24 +42,10 @@ class StudyFilterForm(forms.Form):
         label="Search",
         widget=forms.SearchInput(attrs={"placeholder": "Patient name or ID, accession", "autocomplete": "off"}),
     )
-    modality = forms.ChoiceField(required=False)
-    date_from = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
-    date_to = forms.DateField(required=False, label="To", widget=forms.DateInput(attrs={"type": "date"}))
     cohort = forms.ModelChoiceField(
         required=False, queryset=Cohort.objects.all(), to_field_name="name", empty_label="Any cohort"
     )
     sort = forms.ChoiceField(required=False, choices=[(key, key) for key in selectors.SORTS])
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Only the modalities the archive holds; an unknown one is reported as ignored.
-        self.fields["modality"].choices = [("", "Any modality"), *((m, m) for m in selectors.study_modalities())]
-
-    def clean(self) -> dict[str, Any]:
-        data = super().clean()
-        if data.get("date_from") and data.get("date_to") and data["date_from"] > data["date_to"]:
-            self.add_error("date_to", "is before the From date")
-        return data
 
     def selector_filters(self) -> dict[str, Any]:
         """Keyword arguments for selectors.study_list from the fields that validated."""
