@@ -234,8 +234,11 @@ class StudyFilterInput(serializers.Serializer):
 class RenderInput(serializers.Serializer):
     frame = serializers.IntegerField(required=False, min_value=1, default=1, help_text="1-based frame number.")
     preset = serializers.ChoiceField(choices=list(PRESETS), required=False, default="default")
-    wc = serializers.FloatField(required=False, help_text="Window centre (give ww too); overrides the preset.")
-    ww = serializers.FloatField(required=False, min_value=1, help_text="Window width (give wc too).")
+    # Stored values are at most 32-bit; beyond ±1e9 a window is a typo (and overflows float32).
+    wc = serializers.FloatField(
+        required=False, min_value=-1e9, max_value=1e9, help_text="Window centre (give ww too); overrides the preset."
+    )
+    ww = serializers.FloatField(required=False, min_value=1, max_value=1e9, help_text="Window width (give wc too).")
     size = serializers.IntegerField(
         required=False, min_value=16, max_value=8192, help_text="Longest side of the image in pixels."
     )
