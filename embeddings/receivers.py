@@ -15,7 +15,7 @@ from .models import Embedding
 
 @receiver(instance_stored, sender=Instance)
 def embed_new_instance(sender, instance: Instance, **kwargs) -> None:
-    if instance.has_pixel_data:
+    if instance.is_image:
         enqueue("embeddings.embed_instances", instance_ids=[instance.pk])
 
 

@@ -324,7 +324,8 @@ class LabelledImage:
 def cohort_images(cohort: str, label: str = "abnormal") -> list[LabelledImage]:
     """The cohort's images with pixels, each with its label and its patient."""
     instances = (
-        Instance.objects.filter(series__study__cohorts__name=cohort, has_pixel_data=True, rows__isnull=False)
+        Instance.objects.images()
+        .filter(series__study__cohorts__name=cohort)
         .select_related("series__study")
         .prefetch_related("findings")
         .order_by("pk")

@@ -295,7 +295,7 @@ def embed_findings(*, finding_ids: list[int]) -> None:
 def pending_instances(encoder: EncoderVersion, instances=None):
     """Instances with pixels that lack this encoder's image embedding or a region
     embedding for one of their finding boxes."""
-    qs = Instance.objects.filter(has_pixel_data=True, rows__isnull=False) if instances is None else instances
+    qs = Instance.objects.images() if instances is None else instances.images()
     has_image = Embedding.objects.filter(instance=OuterRef("pk"), encoder=encoder, kind=Kind.IMAGE)
     box_without_region = Finding.objects.filter(instance=OuterRef("pk"), x0__isnull=False).exclude(
         Exists(Embedding.objects.filter(finding=OuterRef("pk"), encoder=encoder))

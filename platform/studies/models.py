@@ -117,6 +117,24 @@ class Series(models.Model):
         return f"{self.modality} #{self.series_number} {self.description}".strip()
 
 
+# SOP classes that carry pixel data but are not pictures of the patient: a segmentation
+# is a mask over another image, RT Dose a dose grid. Embedding or triaging them would
+# put masks among the similar cases and score them as if they were images.
+NOT_IMAGE_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
+        "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation Storage
+        "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose Storage
+    }
+)
+
+
+class InstanceQuerySet(models.QuerySet):
+    def images(self) -> InstanceQuerySet:
+        """Instances whose pixels are an image of the patient (what search and triage read)."""
+        return self.filter(has_pixel_data=True, rows__isnull=False).exclude(sop_class_uid__in=NOT_IMAGE_SOP_CLASSES)
+
+
 class Instance(models.Model):
     sop_instance_uid = models.CharField(max_length=64, unique=True)
     sop_class_uid = models.CharField(max_length=64)
@@ -141,6 +159,8 @@ class Instance(models.Model):
     size = models.BigIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
 
+    objects = InstanceQuerySet.as_manager()
+
     class Meta:
         ordering = ["instance_number", "id"]
 
@@ -162,6 +182,11 @@ class Instance(models.Model):
     @property
     def is_previewable(self) -> bool:
         return self.has_pixel_data and bool(self.rows) and bool(self.columns)
+
+    @property
+    def is_image(self) -> bool:
+        """See InstanceQuerySet.images()."""
+        return self.is_previewable and self.sop_class_uid not in NOT_IMAGE_SOP_CLASSES
 
 
 class Finding(models.Model):

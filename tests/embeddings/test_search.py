@@ -66,6 +66,20 @@ def test_new_instance_is_embedded_after_ingest(active, make_dicom, django_captur
     assert Embedding.objects.filter(instance=result.instance, kind="image", encoder=active).count() == 1
 
 
+def test_segmentations_are_not_embedded(active, make_dicom, django_capture_on_commit_callbacks):
+    """A SEG carries pixel data, but it is a mask over another image: never a similar case."""
+
+    def as_segmentation(ds):
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+        ds.Modality = "SEG"
+
+    with django_capture_on_commit_callbacks(execute=True):
+        seg = study_services.instance_ingest(source=io.BytesIO(make_dicom(transform=as_segmentation))).instance
+    assert seg.has_pixel_data and not seg.is_image
+    assert not Embedding.objects.filter(instance=seg).exists()
+    assert not services.pending_instances(active).filter(pk=seg.pk).exists()
+
+
 def test_search_by_instance_excludes_the_patient_and_ranks(api, active, archive):
     query = archive.first()
     response = api.post("/api/v1/search/", {"sop_instance_uid": query.sop_instance_uid, "k": 5}, format="json")
