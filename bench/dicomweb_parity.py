@@ -96,7 +96,11 @@ def compare_with_orthanc(files: list[Path], workdir: Path, orthanc: Path, plugin
     from studies import bench
 
     call_command("migrate", "--noinput", verbosity=0)
-    token = Token.objects.create(user=get_user_model().objects.create_user(username="dicomweb-parity")).key
+    from access.services import role_grant
+
+    parity_user = get_user_model().objects.create_user(username="dicomweb-parity")
+    role_grant(user=parity_user, roles=["integrator"])  # STOW, QIDO and WADO (access/policy.py)
+    token = Token.objects.create(user=parity_user).key
     auth = {"Authorization": f"Token {token}"}
     with ExitStack() as stack:
         port = bench.free_port()

@@ -46,7 +46,14 @@ def dicom_files(datasets: Path) -> Path:
 
 @pytest.fixture
 def user(django_user_model):
-    return django_user_model.objects.create_user(username="reader", password="a-long-test-password")
+    """A radiologist who is also a technologist: reads, searches, acts on the worklist and
+    uploads, as the page, REST, DICOMweb and triage tests need. Tests of one role's limits
+    make their own users (tests/access)."""
+    from access.services import role_grant
+
+    reader = django_user_model.objects.create_user(username="reader", password="a-long-test-password")
+    role_grant(user=reader, roles=["radiologist", "technologist"])
+    return reader
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 No Django here: the caller passes `store`, which takes the instance as a Part 10 byte
 stream and answers a `StoreReply`, and optionally `on_association_end`, which runs in
 the association's thread once it is released or aborted (the Django side closes that
-thread's database connection there). `dimse.services.build_listener` wires both to the
+thread's database connection there), and `on_activity`, which gets every `Activity`
+(the Django side writes it to the audit log). `dimse.services.build_listener` wires both to the
 ingest service; the `dicom_listener` command and the tests both use it.
 
 What is accepted: Verification (C-ECHO), and storage of the image SOP classes in
@@ -213,9 +214,11 @@ class Listener:
         allowed_calling_ae_titles: tuple[str, ...] = (),
         require_called_ae_title: bool = True,
         on_association_end: Callable[[], None] | None = None,
+        on_activity: Callable[[Activity], None] | None = None,
     ) -> None:
         self.store = store
         self.on_association_end = on_association_end
+        self.on_activity = on_activity
         self.ae = AE(ae_title=validate_ae_title(ae_title))
         self.ae.maximum_pdu_size = MAX_PDU_SIZE
         # Empty means any calling AE; otherwise others get A-ASSOCIATE-RJ "calling AE
@@ -327,9 +330,14 @@ class Listener:
         if self.on_association_end is not None and threading.current_thread() is event.assoc:
             self.on_association_end()
 
-    @staticmethod
-    def _report(activity: Activity, *, level: int = logging.INFO) -> None:
+    def _report(self, activity: Activity, *, level: int = logging.INFO) -> None:
         log.log(level, "%s", activity, extra={"dicom_activity": activity})
+        if self.on_activity is not None:
+            try:
+                self.on_activity(activity)
+            except Exception:
+                # The audit hook must not turn an answered request into a failed one.
+                log.exception("recording %s failed", activity)
 
 
 def _activity(association: Association, kind: str, **facts: Any) -> Activity:

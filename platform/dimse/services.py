@@ -9,14 +9,19 @@ association's thread.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import BinaryIO
 
 from django.db import DatabaseError, close_old_connections, connections
+from pynetdicom.association import Association
 
+from access.models import Outcome as AuditOutcome
+from access.models import Via
+from access.services import audit_record
 from studies.services import Outcome, instance_ingest
 
-from .listener import Listener, Status, StoreReply
+from .listener import Activity, Listener, Status, StoreReply
 
 log = logging.getLogger(__name__)
 
@@ -68,4 +73,59 @@ def build_listener(
         allowed_calling_ae_titles=tuple(allowed_calling_ae_titles),
         require_called_ae_title=require_called_ae_title,
         on_association_end=connections.close_all,
+        on_activity=audit_activity,
     )
+
+
+# Listener activity → audit action; "released" (the normal end) gets no row of its own.
+_AUDIT_ACTIONS = {
+    "accepted": "associate",
+    "rejected": "associate",
+    "echo": "echo",
+    "store": "ingest",
+    "aborted": "abort",
+}
+
+
+def audit_activity(activity: Activity) -> None:
+    """Write one listener activity to the audit log: associations accepted or rejected
+    (with the calling AE title and the peer's address), every C-ECHO and C-STORE."""
+    action = _AUDIT_ACTIONS.get(activity.kind)
+    if action is None:
+        return
+    if activity.kind == "rejected":
+        outcome = AuditOutcome.DENIED
+    elif activity.kind == "aborted" or activity.outcome in ("rejected", "failed"):
+        outcome = AuditOutcome.ERROR
+    else:
+        outcome = AuditOutcome.OK
+    details = {"calling_ae": activity.calling_ae, "called_ae": activity.called_ae}
+    if activity.sop_class_uid:
+        details["sop_class_uid"] = activity.sop_class_uid
+    if activity.outcome:
+        details["result"] = activity.outcome
+    if activity.status is not None:
+        details["status"] = f"0x{activity.status:04X}"
+    if activity.reason:
+        details["reason"] = activity.reason
+    try:
+        audit_record(
+            action=action,
+            via=Via.DIMSE,
+            username=f"AE {activity.calling_ae}",
+            remote_addr=activity.peer,
+            target_type="instance" if activity.sop_instance_uid else "ae",
+            target=activity.sop_instance_uid or activity.called_ae,
+            outcome=outcome,
+            details=details,
+        )
+    except DatabaseError as error:
+        # The listener keeps answering (a C-ECHO needs no database); the operator sees
+        # that the audit log missed this activity, in one line.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.error("audit log unavailable, not recorded: %s (%s)", activity, reason)
+    finally:
+        # A rejected association never ends with a release or abort, so nothing else
+        # closes the connection its thread just opened for this row.
+        if activity.kind == "rejected" and isinstance(threading.current_thread(), Association):
+            connections.close_all()

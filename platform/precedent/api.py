@@ -89,7 +89,10 @@ class ErrorOutput(serializers.Serializer):
 ERROR_DESCRIPTIONS = {
     400: "Invalid input (the reason is in `error`, per field in `fields`).",
     401: "No credentials, or a token or session that is not valid.",
-    403: "Authenticated but not allowed (e.g. a session request without its CSRF token).",
+    403: (
+        "Authenticated but not allowed: the user's roles or the token's scopes do not grant it"
+        " (or a session request came without its CSRF token)."
+    ),
     404: "Not found.",
     409: "Conflicts with what is stored.",
     413: "The request body is over the upload limit.",

@@ -21,5 +21,6 @@ urlpatterns = [
     path("dicomweb/", include("dicomweb.urls")),
     path("worklist/", include("triage.urls")),
     path("search/", include("embeddings.urls")),
+    path("audit/", include("access.urls")),
     path("", include("studies.urls")),
 ]

@@ -56,6 +56,7 @@ INSTALLED_APPS = [
     "triage",
     "dicomweb",
     "dimse",
+    "access",
     "drf_spectacular",
     "drf_spectacular_sidecar",
 ]
@@ -71,6 +72,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # After authentication and htmx: enforces access/policy.py on pages, audits everything.
+    "access.middleware.AccessMiddleware",
 ]
 
 ROOT_URLCONF = "precedent.urls"
@@ -190,7 +193,8 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Roles and token scopes from access/policy.py (401 without credentials, as before).
+    "DEFAULT_PERMISSION_CLASSES": ["access.permissions.PolicyPermission"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "precedent.api.exception_handler",

@@ -39,6 +39,7 @@ from django.db import connection
 from rest_framework.authtoken.models import Token
 from tqdm import tqdm
 
+from access.services import role_grant
 from precedent.db import connection_url
 from precedent.paths import REPO_ROOT
 from studies import bench, services
@@ -189,6 +190,8 @@ class Command(BaseCommand):
         servers = _Servers(warm_clients=max(clients))
         if not options["no_rest"]:
             self.bench_user = get_user_model().objects.create_user(username=f"{BENCH_USER_PREFIX}{tag}")
+            # An integrator uploads over REST (access/policy.py); a user without a role may not.
+            role_grant(user=self.bench_user, roles=["integrator"])
             servers.token = Token.objects.create(user=self.bench_user).key
             workers = options["workers"] or max(clients)
             servers.warm_clients = max(servers.warm_clients, workers)

@@ -164,4 +164,9 @@ def _demo_login(url: str) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(f"{DEMO_USERNAME}\n{password}\n")
-    return f"Log in at {url} as {DEMO_USERNAME} / {password}"
+    # The demo login is a superuser (every permission); one login per role shows what
+    # each may do (access/policy.py).
+    from access.services import demo_role_users
+
+    role_users = ", ".join(demo_role_users(password=password))
+    return f"Log in at {url} as {DEMO_USERNAME} / {password}\nOne login per role, same password: {role_users}"
