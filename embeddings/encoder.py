@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -31,6 +30,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+
+from precedent.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -393,18 +394,15 @@ def save_encoder(path: str | os.PathLike[str], model: BaseEncoder, meta: Trainin
         "state_sha256": info.state_sha256,
         "state_dict": state,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(path, payload)
     return info
+
+
+def atomic_torch_save(path: Path, payload: Any) -> None:
+    """torch.save to a temp file beside `path`, fsync, rename: a reader (or a crash)
+    never sees half a weights file."""
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
 
 
 def _read_checkpoint(path: Path) -> Any:

@@ -169,9 +169,10 @@ EXAMPLES = {"generated": 20, "real data": 20, "negative": 10}
 
 
 @pytest.fixture
-def live_archive(transactional_db, datasets: Path, dicom_files: Path, tmp_path: Path, django_user_model):
+def live_archive(transactional_db, datasets: Path, dicom_files: Path, tmp_path: Path, django_user_model, settings):
     """Real rows for the GET endpoints to return: CT, multi-frame MR, an SR without
-    pixels, 4 MIAS films with lesion boxes, all embedded by an active tiny encoder."""
+    pixels, 4 MIAS films with lesion boxes and detector boxes, all embedded by an active
+    tiny encoder."""
     from rest_framework.authtoken.models import Token
 
     from embeddings import encoder as enc
@@ -194,11 +195,39 @@ def live_archive(transactional_db, datasets: Path, dicom_files: Path, tmp_path: 
     from access.services import role_grant
 
     role_grant(user=user, roles=["integrator", "radiologist"])
+    # Detector output on the films, so that storing AI results as DICOM SR has something to store.
+    import numpy as np
+    from PIL import Image
+
+    from triage.models import Detection, SegmentationMask, TriageModelVersion
+
+    detector = TriageModelVersion.objects.create(
+        name="openapi-detector", kind="detector", architecture="fcos-resnet18", weights_path="-", sha256="0" * 64
+    )
+    segmenter = TriageModelVersion.objects.create(
+        name="openapi-segmenter", kind="segmenter", architecture="unet-small", weights_path="-", sha256="0" * 64
+    )
+    masks = []
+    for film in Instance.objects.filter(series__modality="MG"):
+        Detection.objects.create(
+            instance=film, model_version=detector, label="CIRC", score=0.9, x0=100, y0=120, x1=180, y1=200
+        )
+        pixels = np.zeros((film.rows, film.columns), dtype=np.uint8)
+        pixels[120:200, 100:180] = 255
+        relative = Path("masks") / f"{film.sop_instance_uid}-lesion.png"
+        (settings.PRECEDENT_HOME / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(settings.PRECEDENT_HOME / relative)
+        masks.append(
+            SegmentationMask.objects.create(
+                instance=film, model_version=segmenter, label="lesion", mask_path=str(relative), area_fraction=0.01
+            )
+        )
     instances = list(Instance.objects.select_related("series__study").order_by("pk"))
     yield {
         "token": Token.objects.create(user=user).key,
         "sop_instance_uid": [i.sop_instance_uid for i in instances],
         "study_instance_uid": sorted({i.series.study.study_instance_uid for i in instances}),
+        "mask": [(m.instance.sop_instance_uid, m.pk) for m in masks],
     }
     search_services.forget_indexes()
 
@@ -220,8 +249,10 @@ def with_real_data(strategy, archive: dict, make_dicom):
     studies = st.sampled_from(archive["study_instance_uid"])
 
     def swap(drawn):
-        case, uid, other, study = drawn
-        if case.path_parameters:
+        case, uid, other, study, mask = drawn
+        if case.path_parameters and "mask_id" in case.path_parameters:
+            case.path_parameters["sop_instance_uid"], case.path_parameters["mask_id"] = mask
+        elif case.path_parameters:
             if "sop_instance_uid" in case.path_parameters:
                 case.path_parameters["sop_instance_uid"] = uid
             if "study_instance_uid" in case.path_parameters:
@@ -233,6 +264,10 @@ def with_real_data(strategy, archive: dict, make_dicom):
             for key, value in {"sop_instance_uid": uid, "result_sop_instance_uid": uid}.items():
                 if key in body:
                     body[key] = value
+            if isinstance(body.get("sop_instance_uids"), list):
+                body["sop_instance_uids"] = [uid]
+            if isinstance(body.get("study_instance_uids"), list):
+                body["study_instance_uids"] = [study]
             if body.get("query_sop_instance_uid"):
                 body["query_sop_instance_uid"] = other
             if "vector" in body and isinstance(body["vector"], list) and body["vector"]:
@@ -243,7 +278,7 @@ def with_real_data(strategy, archive: dict, make_dicom):
                 body["file"] = png_bytes()
         return case
 
-    return st.tuples(strategy, uids, uids, studies).map(swap)
+    return st.tuples(strategy, uids, uids, studies, st.sampled_from(archive["mask"])).map(swap)
 
 
 @pytest.mark.slow

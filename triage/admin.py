@@ -6,7 +6,17 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from .models import ImageQuality, OperatingPoint, StudyRead, TriageAudit, TriageModelVersion, TriageResult
+from .models import (
+    Detection,
+    ImageQuality,
+    LocalisationRun,
+    OperatingPoint,
+    SegmentationMask,
+    StudyRead,
+    TriageAudit,
+    TriageModelVersion,
+    TriageResult,
+)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -67,3 +77,27 @@ class TriageAuditAdmin(ReadOnlyAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+
+@admin.register(Detection)
+class DetectionAdmin(ReadOnlyAdmin):
+    list_display = ["instance", "label", "score", "x0", "y0", "x1", "y1", "model_version", "created_at"]
+    list_filter = ["label", "model_version"]
+    search_fields = ["instance__sop_instance_uid"]
+    raw_id_fields = ["instance"]
+
+
+@admin.register(SegmentationMask)
+class SegmentationMaskAdmin(ReadOnlyAdmin):
+    list_display = ["instance", "label", "area_fraction", "model_version", "mask_path", "created_at"]
+    list_filter = ["label", "model_version"]
+    search_fields = ["instance__sop_instance_uid"]
+    raw_id_fields = ["instance"]
+
+
+@admin.register(LocalisationRun)
+class LocalisationRunAdmin(ReadOnlyAdmin):
+    list_display = ["instance", "model_version", "outputs", "seconds", "created_at"]
+    list_filter = ["model_version"]
+    search_fields = ["instance__sop_instance_uid"]
+    raw_id_fields = ["instance"]

@@ -7,21 +7,24 @@ unknown StudyInstanceUID.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from django.conf import settings
+from django.http import HttpResponse
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 
 from precedent.api import ApiView, error_response, error_responses
-from studies.apis import PatientOutput
-from studies.models import Study
+from studies.apis import PatientOutput, _AnyAccept
+from studies.models import Instance, Study
 
-from . import selectors, services
-from .models import Category, ImageQuality, StudyRead, TriageResult
+from . import localisation, overlays, selectors, services
+from .models import Category, ImageQuality, SegmentationMask, StudyRead, TriageResult
 
 # --- serializers ---------------------------------------------------------------------
 
@@ -234,3 +237,120 @@ class StudyTriageApi(ApiView):
 
 def _no_study(study_instance_uid: str) -> Response:
     return error_response(f"No study with StudyInstanceUID {study_instance_uid}", status.HTTP_404_NOT_FOUND)
+
+
+# --- overlays: model boxes, ground truth and masks on one image ------------------------------
+
+
+class OverlaysInput(serializers.Serializer):
+    min_score = serializers.FloatField(
+        required=False, default=0.0, min_value=0.0, max_value=1.0, help_text="Leave out model boxes scoring less."
+    )
+
+
+class OverlayBoxOutput(serializers.Serializer):
+    x0 = serializers.FloatField(help_text="Image pixels, top-left origin; x1/y1 exclusive.")
+    y0 = serializers.FloatField()
+    x1 = serializers.FloatField()
+    y1 = serializers.FloatField()
+    label = serializers.CharField(help_text="Class (model) or pathology and class (ground truth).")
+    score = serializers.FloatField(allow_null=True, help_text="Model score; null for ground truth.")
+    source = serializers.CharField(help_text='"model:<version name>", "dataset" or "radiologist".')
+    colour = serializers.SerializerMethodField()
+
+    def get_colour(self, obj: localisation.OverlayBox) -> str:
+        return overlays.hex_colour(overlays.label_colour(obj.label if obj.score is not None else "ground-truth"))
+
+
+class OverlayMaskOutput(serializers.Serializer):
+    label = serializers.CharField()
+    source = serializers.SerializerMethodField(help_text='"model:<version name>".')
+    url = serializers.SerializerMethodField(help_text="RGBA PNG with the image's rows × columns, to lay over it.")
+    colour = serializers.SerializerMethodField()
+    area_fraction = serializers.FloatField(help_text="Share of the image inside the mask.")
+
+    def get_source(self, obj: SegmentationMask) -> str:
+        return f"model:{obj.model_version.name}"
+
+    def get_url(self, obj: SegmentationMask) -> str:
+        return reverse("triage-api:instance-mask", args=[obj.instance.sop_instance_uid, obj.pk])
+
+    def get_colour(self, obj: SegmentationMask) -> str:
+        return overlays.hex_colour(overlays.label_colour(obj.label))
+
+
+class OverlaysOutput(serializers.Serializer):
+    sop_instance_uid = serializers.CharField(source="instance.sop_instance_uid")
+    rows = serializers.IntegerField(source="instance.rows", allow_null=True)
+    columns = serializers.IntegerField(source="instance.columns", allow_null=True)
+    boxes = OverlayBoxOutput(many=True)
+    masks = OverlayMaskOutput(many=True)
+
+
+SOP_INSTANCE_UID = OpenApiParameter("sop_instance_uid", str, OpenApiParameter.PATH, description="SOPInstanceUID")
+
+
+def _instance_or_404(sop_instance_uid: str) -> Instance | Response:
+    instance = Instance.objects.filter(sop_instance_uid=sop_instance_uid).first()
+    if instance is None:
+        return error_response(f"no instance with SOPInstanceUID {sop_instance_uid}", status.HTTP_404_NOT_FOUND)
+    return instance
+
+
+class InstanceOverlaysApi(ApiView):
+    """GET /api/v1/instances/{uid}/overlays/: what the viewer draws over one image:
+    ground-truth finding boxes, the detector's boxes (class, score) and the
+    segmenter's masks (as URLs of RGBA PNGs), all in the image's pixel frame."""
+
+    @extend_schema(
+        operation_id="instances_overlays_retrieve",
+        summary="Detection boxes, ground-truth boxes and segmentation masks of one image",
+        parameters=[SOP_INSTANCE_UID, OverlaysInput],
+        responses={200: OverlaysOutput, **error_responses(400, 404, _404="No instance with that SOPInstanceUID.")},
+    )
+    def get(self, request, sop_instance_uid: str):
+        params = OverlaysInput(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        instance = _instance_or_404(sop_instance_uid)
+        if isinstance(instance, Response):
+            return instance
+        found = localisation.instance_overlays(instance=instance, min_score=params.validated_data["min_score"])
+        return Response(OverlaysOutput(found).data)
+
+
+class InstanceMaskApi(ApiView):
+    """GET /api/v1/instances/{uid}/masks/{id}.png: one stored mask as a semi-transparent
+    RGBA PNG in its label's colour, with the image's rows × columns."""
+
+    content_negotiation_class = _AnyAccept
+
+    @extend_schema(
+        operation_id="instances_mask_png",
+        summary="A segmentation mask as an RGBA PNG overlay",
+        parameters=[SOP_INSTANCE_UID, OpenApiParameter("mask_id", int, OpenApiParameter.PATH)],
+        responses={
+            (200, "image/png"): OpenApiResponse(OpenApiTypes.BINARY, description="RGBA PNG, transparent outside."),
+            **{
+                (code, "application/json"): response
+                for code, response in error_responses(404, _404="No such mask on that instance.").items()
+            },
+        },
+    )
+    def get(self, request, sop_instance_uid: str, mask_id: str):
+        # Routed as a string so that any id, however malformed, gets this JSON 404
+        # rather than the HTML one of an unmatched URL.
+        mask = None
+        if mask_id.isascii() and mask_id.isdigit() and len(mask_id) < 19:
+            mask = SegmentationMask.objects.filter(pk=int(mask_id), instance__sop_instance_uid=sop_instance_uid).first()
+        if mask is None:
+            return error_response(f"no mask {mask_id} on instance {sop_instance_uid}", status.HTTP_404_NOT_FOUND)
+        path = Path(settings.PRECEDENT_HOME) / mask.mask_path
+        try:
+            stored = overlays.read_mask(path)
+        except (OSError, ValueError):
+            return error_response(f"the file of mask {mask_id} is missing or unreadable", status.HTTP_404_NOT_FOUND)
+        png = overlays.encode_png(overlays.mask_rgba(stored, overlays.label_colour(mask.label)))
+        response = HttpResponse(png, content_type="image/png")
+        # A stored mask never changes (a new model version makes new rows).
+        response["Cache-Control"] = "private, max-age=86400"
+        return response

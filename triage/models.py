@@ -200,3 +200,72 @@ class TriageAudit(models.Model):
 
     def delete(self, *args, **kwargs):
         raise ValueError("audit entries are append-only")
+
+
+class Detection(models.Model):
+    """A box the active detector put on one image: model output, never ground truth
+    (that is studies.Finding). One set per (instance, model version): re-triaging a
+    study replaces that version's boxes instead of stacking duplicates."""
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="detections")
+    model_version = models.ForeignKey(TriageModelVersion, on_delete=models.PROTECT, related_name="detections")
+    label = models.CharField(max_length=64)
+    score = models.FloatField()
+    # Image pixels of the stored image, top-left origin, x1/y1 exclusive (as studies.Finding).
+    x0 = models.FloatField()
+    y0 = models.FloatField()
+    x1 = models.FloatField()
+    y1 = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-score", "id"]
+        indexes = [models.Index(fields=["instance", "model_version"], name="triage_detection_inst_ver")]
+
+    def __str__(self) -> str:
+        return f"{self.label} {self.score:.2f} on {self.instance_id}"
+
+
+class SegmentationMask(models.Model):
+    """One label's mask from the active segmenter for one image: an 8-bit PNG under
+    PRECEDENT_HOME with the image's rows x columns, 0 outside and 255 inside."""
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="segmentation_masks")
+    model_version = models.ForeignKey(TriageModelVersion, on_delete=models.PROTECT, related_name="masks")
+    label = models.CharField(max_length=64, help_text='e.g. "breast", "lesion"')
+    mask_path = models.CharField(max_length=255, help_text="Relative to PRECEDENT_HOME (under masks/)")
+    area_fraction = models.FloatField(default=0.0, help_text="share of the image's pixels inside the mask")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["label", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["instance", "model_version", "label"], name="one_mask_per_instance_version_label"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.label} mask on {self.instance_id}"
+
+
+class LocalisationRun(models.Model):
+    """That a detector or segmenter version has run on an image, with or without
+    output: re-triaging a study as its images keep arriving then runs each model once
+    per image instead of once per arrival (an image with no boxes leaves no Detection
+    row to tell)."""
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="localisation_runs")
+    model_version = models.ForeignKey(TriageModelVersion, on_delete=models.PROTECT, related_name="localisation_runs")
+    outputs = models.PositiveIntegerField(default=0, help_text="boxes or masks stored")
+    seconds = models.FloatField(default=0.0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["instance", "model_version"], name="one_localisation_run_per_version"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model_version_id} on {self.instance_id}: {self.outputs} outputs"

@@ -19,14 +19,19 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from django.db.models import Case, Count, Exists, F, FilteredRelation, OuterRef, Q, QuerySet, Value, When
 from django.db.models.functions import Coalesce
+from tqdm.auto import tqdm
 
 from embeddings.selectors import Hit, SearchError, similar_cases
+from studies import dicom
 from studies import selectors as study_selectors
-from studies.models import Finding, Instance, Study
+from studies.errors import RenderError
+from studies.models import Cohort, Finding, Instance, Study
+from studies.services import dicom_store
 
-from .models import Category, ImageQuality, TriageResult
+from .models import Category, ImageQuality, OperatingPoint, TriageModelVersion, TriageResult
 
 RANKS: dict[str, int] = {
     Category.URGENT: 0,
@@ -191,3 +196,155 @@ def studies_awaiting_triage() -> QuerySet[Study]:
     """Studies with no current result, or one still pending (`manage.py triage --pending`)."""
     decided = TriageResult.objects.filter(study=OuterRef("pk"), is_current=True).exclude(category=Category.PENDING)
     return Study.objects.exclude(Exists(decided)).order_by("pk")
+
+
+# --- classifier: labels, decoding and scores of a cohort -----------------------------------
+
+ABNORMAL_PATHOLOGIES = (Finding.Pathology.BENIGN, Finding.Pathology.MALIGNANT, Finding.Pathology.UNKNOWN)
+
+
+@dataclass
+class LabelledImage:
+    """One image of a cohort with its ground truth from studies.Finding rows."""
+
+    instance: Instance
+    abnormal: int  # 0 or 1
+    malignant: int  # 1 malignant, 0 benign, -1 unknown or normal
+    boxes: list[tuple[float, float, float, float]]
+
+
+def labelled_images(*, cohort: Cohort) -> list[LabelledImage]:
+    """The cohort's images with pixels and at least one finding (normal or a lesion),
+    in study order. An image is abnormal when any finding is benign, malignant or of
+    unknown pathology; malignant when one is malignant; benign (0) when its lesions are
+    all benign. Images without findings are unlabelled and left out."""
+    instances = (
+        Instance.objects.filter(series__study__cohorts=cohort, has_pixel_data=True, findings__isnull=False)
+        .distinct()
+        .select_related("series__study__patient")
+        .prefetch_related("findings")
+        .order_by("series__study_id", "pk")
+    )
+    out = []
+    for instance in instances:
+        findings = list(instance.findings.all())
+        pathologies = {f.pathology for f in findings}
+        abnormal = int(bool(pathologies & set(ABNORMAL_PATHOLOGIES)))
+        if Finding.Pathology.MALIGNANT in pathologies:
+            malignant = 1
+        elif abnormal and pathologies <= {Finding.Pathology.BENIGN, Finding.Pathology.NORMAL}:
+            malignant = 0
+        else:
+            malignant = -1
+        boxes = [(f.x0, f.y0, f.x1, f.y1) for f in findings if f.x0 is not None and f.pathology in ABNORMAL_PATHOLOGIES]
+        out.append(LabelledImage(instance, abnormal, malignant, boxes))
+    return out
+
+
+def decode_instance(instance: Instance) -> tuple[np.ndarray, bool]:
+    """(pixels of the representative frame, MONOCHROME1?). Raises RenderError."""
+    path = dicom_store().path(instance.file_path)
+    header = dicom.read_dataset(path, stop_before_pixels=True)
+    pixels = dicom.decode_frame(path, header, (instance.number_of_frames + 1) // 2)
+    return pixels, instance.photometric_interpretation == "MONOCHROME1"
+
+
+def score_instances(*, module, instances: Sequence[Instance], progress: bool = False) -> dict[int, tuple[float, float]]:
+    """Instance id → (P(abnormal), P(malignant)) for every image that decodes (the
+    others are left out: the caller says which are missing)."""
+    from .classifier import score_images
+
+    scores: dict[int, tuple[float, float]] = {}
+    for instance in tqdm(instances, desc="score", unit="img", disable=not progress):
+        try:
+            pixels, monochrome1 = decode_instance(instance)
+        except (RenderError, OSError, ValueError):
+            continue
+        p = score_images(module, [pixels], monochrome1=[monochrome1])[0]
+        scores[instance.pk] = (float(p[0]), float(p[1]))
+    return scores
+
+
+@dataclass
+class ExamScore:
+    """One study of a labelled cohort: its labels (any image) and its combined scores."""
+
+    study: Study
+    patient_id: str
+    abnormal: int
+    malignant: int  # 1, 0 (benign lesions only) or -1 (normal or unknown)
+    p_abnormal: float
+    p_malignant: float
+    images: list[tuple[LabelledImage, float, float]]  # (image, P(abnormal), P(malignant))
+
+
+def cohort_exam_scores(*, cohort: Cohort, module, progress: bool = False) -> list[ExamScore]:
+    """Score every labelled image of the cohort and combine them per exam (study) the
+    way triage does on arrival (classifier.combine). Raises ValueError when the
+    cohort has no labelled image that decodes."""
+    from .classifier import ImageScore, combine
+
+    labelled = labelled_images(cohort=cohort)
+    if not labelled:
+        raise ValueError(f"cohort {cohort.name!r} has no labelled images (no studies.Finding rows)")
+    scores = score_instances(module=module, instances=[item.instance for item in labelled], progress=progress)
+    by_study: dict[int, list[tuple[LabelledImage, float, float]]] = {}
+    for item in labelled:
+        if item.instance.pk in scores:
+            p_abnormal, p_malignant = scores[item.instance.pk]
+            by_study.setdefault(item.instance.series.study_id, []).append((item, p_abnormal, p_malignant))
+    if not by_study:
+        raise ValueError(f"none of the labelled images of cohort {cohort.name!r} could be decoded")
+    exams = []
+    for images in by_study.values():
+        combined = combine(
+            [
+                ImageScore(item.instance.sop_instance_uid, item.instance.laterality, p_abnormal, p_malignant)
+                for item, p_abnormal, p_malignant in images
+            ]
+        )["exam"]
+        labels_malignant = [item.malignant for item, _, _ in images]
+        study = images[0][0].instance.series.study
+        exams.append(
+            ExamScore(
+                study=study,
+                patient_id=study.patient.patient_id,
+                abnormal=int(any(item.abnormal for item, _, _ in images)),
+                malignant=1 if 1 in labels_malignant else 0 if 0 in labels_malignant else -1,
+                p_abnormal=combined["p_abnormal"],
+                p_malignant=combined["p_malignant"],
+                images=images,
+            )
+        )
+    return exams
+
+
+def operating_points() -> QuerySet[OperatingPoint]:
+    """Every operating point, newest first, with its model versions and signer."""
+    return OperatingPoint.objects.select_related("signed_off_by", "validation_cohort").prefetch_related(
+        "model_versions"
+    )
+
+
+def signed_off_point(classifier: TriageModelVersion | None) -> OperatingPoint | None:
+    """The newest signed-off operating point of the classifier (the one triage uses)."""
+    if classifier is None:
+        return None
+    return (
+        OperatingPoint.objects.filter(model_versions=classifier, signed_off_at__isnull=False)
+        .order_by("-signed_off_at")
+        .first()
+    )
+
+
+def user_can_sign_off(*, user) -> bool:
+    """Staff, superusers and the access app's admin role see and sign off operating points."""
+    if not user.is_authenticated:
+        return False
+    if user.is_staff or user.is_superuser:
+        return True
+    try:
+        from access.selectors import user_is_admin
+    except ImportError:
+        return False
+    return user_is_admin(user=user)

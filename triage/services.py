@@ -20,22 +20,33 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
+from django.utils import timezone
 
-from precedent.tasks import job
-from studies.models import Finding, Instance, Study
+from precedent.tasks import enqueue, job
+from studies.errors import RenderError
+from studies.models import Cohort, Finding, Instance, Study
 from studies.services import dicom_store
 
 from . import quality
 from .models import Category, ImageQuality, OperatingPoint, StudyRead, TriageAudit, TriageModelVersion, TriageResult
+
+if TYPE_CHECKING:  # torch is imported lazily: the worklist alone never needs it
+    from torch import nn
+
+    from .weights import ModelMeta
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +178,17 @@ class ModelState:
 
     classifier: str = ""
     operating_point: bool = False
+    threshold: float | None = None  # the signed-off point's threshold on the exam's P(abnormal)
+
+
+@dataclass(frozen=True)
+class ModelDetection:
+    """A detector's box summarised for deciding: `label` is "class" or "pathology:class"
+    (matched against PRECEDENT_URGENT_FINDINGS like a radiologist's finding)."""
+
+    label: str
+    score: float
+    sop_instance_uid: str
 
 
 @dataclass
@@ -182,8 +204,13 @@ def decide(
     findings: Sequence[RadiologistFinding],
     rules: Sequence[UrgentRule],
     models: ModelState,
+    scores: dict[str, Any] | None = None,
+    detections: Sequence[ModelDetection] = (),
 ) -> Decision:
-    """The study's category and the reasons a radiologist reads next to it."""
+    """The study's category and the reasons a radiologist reads next to it.
+
+    `scores` is the classifier's output for the study (classifier.combine), None when
+    it did not run; `detections` the active detector's boxes."""
     urgent = [f for f in findings if any(rule.matches(f.pathology, f.abnormality_class) for rule in rules)]
     if urgent:
         labels = dict.fromkeys(f.label for f in urgent)
@@ -195,13 +222,81 @@ def decide(
     quality_reasons = _quality_reasons(images)
     if not any(image.assessable for image in images):
         return Decision(Category.NOT_ASSESSABLE, quality_reasons or ["the study has no images"])
+
+    urgent_boxes, suspicious_boxes = _detection_flags(detections, rules)
+    if urgent_boxes:
+        return Decision(Category.URGENT, urgent_boxes + quality_reasons, dict(scores or {}))
+    if scores is not None and models.operating_point and models.threshold is not None:
+        decision = _classifier_decision(scores, models)
+        if suspicious_boxes and decision.category in (Category.ROUTINE, Category.LIKELY_NEGATIVE):
+            decision = Decision(Category.SUSPICIOUS, suspicious_boxes + decision.reasons, decision.scores)
+        decision.reasons.extend(quality_reasons)
+        return decision
+    if suspicious_boxes:
+        return Decision(Category.SUSPICIOUS, suspicious_boxes + quality_reasons, dict(scores or {}))
     if not models.classifier:
         waiting = NO_MODEL_REASON
     elif not models.operating_point:
         waiting = f"no operating point is signed off for classifier {models.classifier} yet"
     else:
-        waiting = f"scoring with classifier {models.classifier} is not available in this version yet"
+        waiting = f"classifier {models.classifier} scores mammograms only: no image of this study was scored"
     return Decision(Category.PENDING, [waiting, *quality_reasons])
+
+
+def _detection_flags(detections: Sequence[ModelDetection], rules: Sequence[UrgentRule]) -> tuple[list[str], list[str]]:
+    """Reasons from detector boxes: urgent ones (an urgent class at or above
+    PRECEDENT_TRIAGE_URGENT_DETECTION_SCORE), suspicious ones (any class at or above
+    PRECEDENT_TRIAGE_SUSPICIOUS_DETECTION_SCORE); the best box per label."""
+    urgent_score = float(settings.PRECEDENT_TRIAGE_URGENT_DETECTION_SCORE)
+    suspicious_score = float(settings.PRECEDENT_TRIAGE_SUSPICIOUS_DETECTION_SCORE)
+    best: dict[str, float] = {}
+    for d in detections:
+        best[d.label] = max(best.get(d.label, 0.0), float(d.score))
+    urgent, suspicious = [], []
+    for label, score in sorted(best.items(), key=lambda item: -item[1]):
+        pathology, _, cls = label.rpartition(":")
+        is_urgent = any(rule.matches(pathology.strip().lower() or "*", cls.strip()) for rule in rules)
+        if is_urgent and score >= urgent_score:
+            urgent.append(f"detector: {label} (score {score:.2f} ≥ urgent {urgent_score:.2f})")
+        elif score >= suspicious_score:
+            suspicious.append(f"detector: {label} (score {score:.2f} ≥ suspicious {suspicious_score:.2f})")
+    return urgent, suspicious
+
+
+def _classifier_decision(scores: dict[str, Any], models: ModelState) -> Decision:
+    exam = scores["exam"]
+    p_abnormal, p_malignant = float(exam["p_abnormal"]), float(exam["p_malignant"])
+    threshold = float(models.threshold)
+    suspicious_at = float(settings.PRECEDENT_TRIAGE_SUSPICIOUS_MALIGNANT)
+    worst = max(scores.get("breasts", {}).items(), key=lambda item: item[1]["p_abnormal"], default=None)
+    where = f" (highest: {_SIDES.get(worst[0], 'unknown side')} breast)" if worst else ""
+    numbers = f"P(abnormal) {p_abnormal:.3f}, P(malignant) {p_malignant:.3f}"
+    if p_malignant >= suspicious_at:
+        return Decision(
+            Category.SUSPICIOUS,
+            [f"classifier {models.classifier}: P(malignant) {p_malignant:.3f} ≥ {suspicious_at:.2f}{where}; {numbers}"],
+            scores,
+        )
+    if p_abnormal < threshold:
+        return Decision(
+            Category.LIKELY_NEGATIVE,
+            [
+                f"classifier {models.classifier}: P(abnormal) {p_abnormal:.3f} below the signed-off threshold "
+                f"{threshold:.3f}; {numbers}"
+            ],
+            scores,
+        )
+    return Decision(
+        Category.ROUTINE,
+        [
+            f"classifier {models.classifier}: P(abnormal) {p_abnormal:.3f} at or above the signed-off threshold "
+            f"{threshold:.3f}{where}; {numbers}"
+        ],
+        scores,
+    )
+
+
+_SIDES = {"L": "left", "R": "right", "?": "unknown side"}
 
 
 def _quality_reasons(images: Sequence[ImageVerdict]) -> list[str]:
@@ -226,8 +321,343 @@ def model_state() -> tuple[ModelState, list[TriageModelVersion], OperatingPoint 
             .order_by("-signed_off_at")
             .first()
         )
-    state = ModelState(classifier=classifier.name if classifier else "", operating_point=point is not None)
+    state = ModelState(
+        classifier=classifier.name if classifier else "",
+        operating_point=point is not None,
+        threshold=point.threshold if point is not None else None,
+    )
     return state, [classifier] if classifier else [], point
+
+
+# --- model versions -----------------------------------------------------------------------
+
+
+def triage_models_dir() -> Path:
+    path = Path(settings.PRECEDENT_HOME) / "models" / "triage"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _version_name(kind: str, meta: ModelMeta, digest: str) -> str:
+    stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
+    return f"{kind}-{meta.architecture}-{stamp}-{digest[:8]}"[:100]
+
+
+def triage_model_register(
+    *, kind: str, model: nn.Module, meta: ModelMeta, name: str = "", activate: bool = False
+) -> TriageModelVersion:
+    """Save the weights under PRECEDENT_HOME/models/triage/ and add a TriageModelVersion
+    (status "ready", or "active" with `activate`). The file is written first and removed
+    again if the row cannot be created, so no orphan file or row is left behind."""
+    if kind not in TriageModelVersion.Kind.values:
+        raise ValueError(f"kind must be one of {', '.join(TriageModelVersion.Kind.values)}")
+    if meta.kind != kind:
+        raise ValueError(f"the model's metadata says {meta.kind!r}, registered as {kind!r}")
+    if name and TriageModelVersion.objects.filter(name=name).exists():
+        raise ValueError(f"a triage model named {name!r} exists already")
+    from .weights import save_model
+
+    tmp = triage_models_dir() / f".incoming-{uuid.uuid4().hex}.pt"
+    sha256 = save_model(tmp, model, meta)
+    name = name or _version_name(kind, meta, sha256)
+    target = triage_models_dir() / f"{name}.pt"
+    try:
+        with transaction.atomic():
+            version = TriageModelVersion.objects.create(
+                name=name,
+                kind=kind,
+                architecture=meta.architecture,
+                weights_path=str(target.relative_to(settings.PRECEDENT_HOME)),
+                sha256=sha256,
+                metadata=meta.to_dict(),
+            )
+            os.replace(tmp, target)
+            if activate:
+                triage_model_activate(version=version)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        if not TriageModelVersion.objects.filter(name=name).exists():
+            target.unlink(missing_ok=True)
+        raise
+    return version
+
+
+@transaction.atomic
+def triage_model_activate(*, version: TriageModelVersion) -> TriageModelVersion:
+    """Make `version` the one active model of its kind; the previous one is retired."""
+    TriageModelVersion.objects.select_for_update().filter(kind=version.kind)
+    TriageModelVersion.objects.filter(kind=version.kind, status=TriageModelVersion.Status.ACTIVE).exclude(
+        pk=version.pk
+    ).update(status=TriageModelVersion.Status.RETIRED)
+    version.status = TriageModelVersion.Status.ACTIVE
+    version.activated_at = timezone.now()
+    version.save(update_fields=["status", "activated_at"])
+    return version
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    version: TriageModelVersion
+    module: nn.Module  # in eval mode, on the CPU
+    meta: ModelMeta
+
+
+def _builder(kind: str):
+    # Imported lazily: a process that only serves the worklist never loads torch models.
+    if kind == TriageModelVersion.Kind.CLASSIFIER:
+        from . import classifier as core
+    elif kind == TriageModelVersion.Kind.DETECTOR:
+        from . import detection as core
+    elif kind == TriageModelVersion.Kind.SEGMENTER:
+        from . import segmentation as core
+    else:
+        raise ValueError(f"unknown triage model kind {kind!r}")
+    return core.build_from_meta
+
+
+_loaded_models: dict[int, LoadedModel] = {}
+_loaded_lock = threading.Lock()
+
+
+def load_triage_model(version: TriageModelVersion) -> LoadedModel:
+    """The version's module, loaded once per process (cached by version pk). Raises
+    ModelFileError when the file is missing, damaged or not the registered one."""
+    from .weights import ModelFileError, file_sha256, load_model_file
+
+    with _loaded_lock:
+        cached = _loaded_models.get(version.pk)
+        if cached is not None and cached.version.sha256 == version.sha256:
+            return cached
+    path = Path(settings.PRECEDENT_HOME) / version.weights_path
+    if not path.is_file():
+        raise ModelFileError(f"weights file of {version.name} is missing")
+    if file_sha256(path) != version.sha256:
+        raise ModelFileError(f"weights file of {version.name} does not match its registered sha256")
+    state, meta = load_model_file(path)
+    module = _builder(meta.kind)(meta)
+    module.load_state_dict(state, strict=True)
+    loaded = LoadedModel(version=version, module=module.eval(), meta=meta)
+    with _loaded_lock:
+        _loaded_models[version.pk] = loaded
+    return loaded
+
+
+def active_triage_model(kind: str) -> LoadedModel | None:
+    """The active model of `kind`, loaded (cached per process by version pk), or None."""
+    version = TriageModelVersion.objects.filter(kind=kind, status=TriageModelVersion.Status.ACTIVE).first()
+    if version is None:
+        return None
+    return load_triage_model(version)
+
+
+def train_classifier(
+    *,
+    cohort: Cohort,
+    epochs: int | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    name: str = "",
+    activate: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> TriageModelVersion:
+    """Train the mammogram classifier on the cohort's labelled images (see
+    `classifier_training_set`) and register it. Extra keyword options (init weights,
+    input size, batch size ...) go to `triage.training.ClassifierConfig`."""
+    return _train_classifier(
+        cohort=cohort,
+        epochs=epochs,
+        device=device,
+        seed=seed,
+        name=name,
+        activate=activate,
+        progress=progress,
+        **options,
+    )
+
+
+# --- the classifier: training, scoring, calibration ---------------------------------------
+
+CLASSIFIER_TASK = "mammography"  # the quality task whose images the classifier scores
+
+
+def _train_classifier(
+    *,
+    cohort: Cohort,
+    epochs: int | None,
+    device: str | None,
+    seed: int,
+    name: str,
+    activate: bool,
+    progress: bool,
+    weights: Path | str | None = None,
+    init_from_encoder: bool = False,
+    input_size: int | None = None,
+    batch_size: int | None = None,
+    patch_size: int | None = None,
+) -> TriageModelVersion:
+    from . import classifier as core
+    from . import training
+    from .selectors import decode_instance, labelled_images
+
+    init = str(weights) if weights else ""
+    if init_from_encoder:
+        from embeddings.models import EncoderVersion
+
+        encoder = EncoderVersion.objects.filter(status=EncoderVersion.Status.ACTIVE).first()
+        if encoder is None:
+            raise ValueError("no search encoder is active to start from")
+        init = str(Path(settings.PRECEDENT_HOME) / encoder.weights_path)
+    labelled = labelled_images(cohort=cohort)
+    if not labelled:
+        raise ValueError(f"cohort {cohort.name!r} has no labelled images (no studies.Finding rows)")
+    items = []
+    for item in labelled:
+        try:
+            pixels, monochrome1 = decode_instance(item.instance)
+        except (RenderError, OSError, ValueError) as exc:
+            log.warning("classifier training skips %s: %s", item.instance.sop_instance_uid, exc)
+            continue
+        items.append(
+            training.TrainingItem(
+                pixels, item.abnormal, item.malignant, item.boxes, monochrome1, item.instance.sop_instance_uid
+            )
+        )
+    defaults = training.ClassifierConfig()
+    config = training.ClassifierConfig(
+        epochs=epochs or defaults.epochs,
+        input_size=input_size or defaults.input_size,
+        batch_size=batch_size or defaults.batch_size,
+        patch_size=defaults.patch_size if patch_size is None else patch_size,
+        init_weights=init,
+        seed=seed,
+    )
+    model, report = training.train_classifier(items, config, device=device, progress=progress)
+    meta = core.classifier_meta(model, training=report.as_meta(cohort=cohort.name))
+    return triage_model_register(
+        kind=TriageModelVersion.Kind.CLASSIFIER, model=model, meta=meta, name=name, activate=activate
+    )
+
+
+def classify_study(study: Study, loaded: LoadedModel) -> dict[str, Any] | None:
+    """Classifier scores of the study's assessable mammography images, combined per
+    breast and exam (classifier.combine), or None when none of them can be scored."""
+    from .classifier import ImageScore, combine
+    from .selectors import score_instances
+
+    instances = list(
+        Instance.objects.filter(
+            series__study=study, triage_quality__assessable=True, triage_quality__task=CLASSIFIER_TASK
+        ).order_by("pk")
+    )
+    if not instances:
+        return None
+    scores = score_instances(module=loaded.module, instances=instances)
+    images = [ImageScore(i.sop_instance_uid, i.laterality, *scores[i.pk]) for i in instances if i.pk in scores]
+    return combine(images) if images else None
+
+
+@transaction.atomic
+def operating_point_compute(
+    *, cohort: Cohort, target_sensitivity: float = 1.0, progress: bool = False
+) -> OperatingPoint:
+    """Score the (validation) cohort with the active classifier, compute ROC and
+    workload curves at exam level and store the threshold that keeps
+    `target_sensitivity` as an OperatingPoint, not signed off. Raises ValueError with
+    the reason (no active classifier, no labels, one class only)."""
+    from . import metrics
+    from .selectors import cohort_exam_scores
+
+    loaded = active_triage_model(TriageModelVersion.Kind.CLASSIFIER)
+    if loaded is None:
+        raise ValueError("no classifier is active: train one with train_triage --activate")
+    exams = cohort_exam_scores(cohort=cohort, module=loaded.module, progress=progress)
+    labels = [e.abnormal for e in exams]
+    if len(set(labels)) < 2:
+        raise ValueError(f"cohort {cohort.name!r} needs normal and abnormal exams to calibrate, has one class only")
+    scores = [e.p_abnormal for e in exams]
+    point = metrics.threshold_for_sensitivity(labels, scores, target_sensitivity)
+    patients = {e.patient_id for e in exams}
+    validation = {
+        "target_sensitivity": target_sensitivity,
+        "exams": len(exams),
+        "abnormal_exams": sum(labels),
+        "normal_exams": len(labels) - sum(labels),
+        "patients": len(patients),
+        "auc_abnormal": metrics.auc(labels, scores),
+        "rule_out_at_full_sensitivity": metrics.rule_out_at_full_sensitivity(labels, scores),
+        "curve": metrics.curve_dicts(metrics.curve(labels, scores)),
+        "classifier": loaded.version.name,
+        "level": "exam",
+    }
+    op = OperatingPoint.objects.create(
+        threshold=point.threshold,
+        sensitivity=point.sensitivity,
+        specificity=point.specificity,
+        workload_reduction=point.workload_reduction,
+        validation_cohort=cohort,
+        validation=validation,
+        computed_at=timezone.now(),
+    )
+    op.model_versions.set([loaded.version])
+    return op
+
+
+def operating_point_sign_off(
+    *, point: OperatingPoint, user: AbstractBaseUser, via: str = "web", request=None
+) -> OperatingPoint:
+    """Sign off a computed operating point (audited); studies waiting as pending are
+    then re-triaged in the background. Raises ValueError when the point has no
+    validation run behind it or is signed off already (the database constraint would
+    refuse the first anyway)."""
+    with transaction.atomic():
+        point = OperatingPoint.objects.select_for_update().get(pk=point.pk)
+        if point.signed_off_at is not None:
+            raise ValueError(f"operating point {point.pk} is signed off already")
+        if point.validation_cohort_id is None or point.computed_at is None:
+            raise ValueError(f"operating point {point.pk} has no validation run behind it: run calibrate_triage")
+        point.signed_off_by = user
+        point.signed_off_at = timezone.now()
+        point.save(update_fields=["signed_off_by", "signed_off_at"])
+        after = {
+            "threshold": point.threshold,
+            "sensitivity": point.sensitivity,
+            "specificity": point.specificity,
+            "workload_reduction": point.workload_reduction,
+            "validation_cohort": point.validation_cohort.name,
+            "via": via,
+        }
+        TriageAudit.objects.create(
+            action=TriageAudit.Action.OPERATING_POINT, user=user, operating_point=point, after=after, note="signed off"
+        )
+        _access_audit(request=request, user=user, via=via, point=point, details=after)
+        enqueue("triage.retriage_pending")
+    return point
+
+
+def _access_audit(*, request, user, via: str, point: OperatingPoint, details: dict) -> None:
+    """The platform-wide audit log too, where the access app provides it."""
+    try:
+        from access.services import audit_record
+    except ImportError:
+        return
+    audit_record(
+        action="triage.operating_point.sign_off",
+        request=request,
+        user=user,
+        via=via,
+        target_type="operating_point",
+        target=str(point.pk),
+        details=details,
+    )
+
+
+@job("triage.retriage_pending")
+def retriage_pending() -> Counter[str]:
+    """Re-triage every study waiting as pending (e.g. after a sign-off)."""
+    from .selectors import studies_awaiting_triage
+
+    return triage_studies(studies=studies_awaiting_triage())
 
 
 # --- the job ------------------------------------------------------------------------------
@@ -239,7 +669,8 @@ def triage_study(*, study_id: int, recheck: bool = False) -> TriageResult | None
     study = Study.objects.filter(pk=study_id).first()
     if study is None:
         return None
-    images = [ImageVerdict(q.assessable, tuple(q.reasons)) for q in assess_study_images(study, recheck=recheck)]
+    qualities = assess_study_images(study, recheck=recheck)
+    images = [ImageVerdict(q.assessable, tuple(q.reasons)) for q in qualities]
     findings = [
         RadiologistFinding(pathology, abnormality_class)
         for pathology, abnormality_class in Finding.objects.filter(
@@ -249,7 +680,18 @@ def triage_study(*, study_id: int, recheck: bool = False) -> TriageResult | None
         .values_list("pathology", "abnormality_class")
     ]
     state, versions, point = model_state()
-    decision = decide(images=images, findings=findings, rules=urgent_rules(), models=state)
+    scores = None
+    if state.operating_point and any(q.assessable and q.task == CLASSIFIER_TASK for q in qualities):
+        try:
+            loaded = active_triage_model(TriageModelVersion.Kind.CLASSIFIER)
+        except ValueError as exc:  # a missing or damaged weights file: the study waits, the reason is logged
+            log.error("classifier unavailable: %s", exc)
+            loaded = None
+        scores = classify_study(study, loaded) if loaded is not None else None
+    detections = localise_study(study=study)
+    decision = decide(
+        images=images, findings=findings, rules=urgent_rules(), models=state, scores=scores, detections=detections
+    )
     return _record(study, decision, versions, point)
 
 
@@ -353,3 +795,45 @@ def triage_override(*, study: Study, category: str, user: AbstractBaseUser, note
         note=note,
     )
     return result
+
+
+# --- localisation: detector and segmenter (implemented in triage/localisation.py) ------------
+# Thin entry points under the shared names; the module is imported on first use, so a
+# process that only serves the worklist never imports torch.
+
+
+def train_detector(**kwargs: Any) -> TriageModelVersion:
+    """Train the FCOS lesion detector on the cohort's finding boxes and register it
+    (arguments: see localisation.train_detector, the same as train_classifier's)."""
+    from . import localisation
+
+    return localisation.train_detector(**kwargs)
+
+
+def train_segmenter(**kwargs: Any) -> TriageModelVersion:
+    """Train the breast/lesion U-Net on the cohort's weak masks and register it
+    (arguments: see localisation.train_segmenter)."""
+    from . import localisation
+
+    return localisation.train_segmenter(**kwargs)
+
+
+def localise_study(*, study: Study) -> list[ModelDetection]:
+    """Run the active detector and segmenter on the study's assessable images not run
+    yet (rows idempotent per image and model version); the detector's boxes on the study."""
+    if not TriageModelVersion.objects.filter(
+        kind__in=[TriageModelVersion.Kind.DETECTOR, TriageModelVersion.Kind.SEGMENTER],
+        status=TriageModelVersion.Status.ACTIVE,
+    ).exists():
+        return []
+    from . import localisation
+
+    return localisation.localise_study(study=study)
+
+
+def evaluate_localisation(*, instances, out_dir: Path, progress: bool = False) -> dict[str, Any]:
+    """FROC (0.5/1/2 false marks per image) of the active detector and mean lesion Dice
+    of the active segmenter against the instances' Finding boxes; writes froc.png."""
+    from . import localisation
+
+    return localisation.evaluate_localisation(instances=instances, out_dir=out_dir, progress=progress)

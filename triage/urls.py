@@ -1,4 +1,4 @@
-"""Worklist pages (/worklist/): the list, its polling bar, read marks, evidence."""
+"""Worklist pages (/worklist/): the list, its polling bar, read marks, evidence; calibration."""
 
 from django.urls import path
 
@@ -8,6 +8,9 @@ app_name = "triage"
 
 urlpatterns = [
     path("", views.worklist, name="worklist"),
+    path("calibration/", views.calibration, name="calibration"),
+    path("calibration/<int:pk>/curves.png", views.calibration_curves, name="calibration-curves"),
+    path("calibration/<int:pk>/sign-off/", views.calibration_sign_off, name="calibration-sign-off"),
     path("changes/", views.worklist_changes, name="changes"),
     path("<str:study_instance_uid>/read/", views.mark_read, name="read"),
     path("<str:study_instance_uid>/evidence/", views.evidence, name="evidence"),

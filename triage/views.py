@@ -12,11 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import numbers
 from dataclasses import dataclass
+from functools import wraps
 from typing import Any
 
 from django import forms
+from django.contrib.auth.decorators import login_required
 from django.core.paginator import Page, Paginator
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, QueryDict
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden, HttpResponseRedirect, QueryDict
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.utils import timezone
@@ -30,7 +32,7 @@ from studies.models import Study
 from studies.views import canonical_query
 
 from . import selectors, services
-from .models import Category
+from .models import Category, OperatingPoint
 
 STUDIES_PER_PAGE = 50
 POLL_SECONDS = 10
@@ -168,3 +170,73 @@ def evidence(request: HttpRequest, study_instance_uid: str) -> HttpResponse:
     """Similar confirmed prior cases for one flagged study (empty when search cannot answer)."""
     study = get_object_or_404(Study, study_instance_uid=study_instance_uid)
     return render(request, "triage/partials/_evidence.html", {"evidence": selectors.study_evidence(study=study)})
+
+
+# --- calibration (admins): operating points, their curves, sign-off ------------------------
+
+
+def _admin_only(view):
+    """Admins only (staff or superuser), on top of the access policy's ADMIN rule: a
+    sign-off changes what every radiologist's worklist rules out."""
+
+    @login_required
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not selectors.user_can_sign_off(user=request.user):
+            return HttpResponseForbidden("only an admin can see and sign off operating points")
+        return view(request, *args, **kwargs)
+
+    return wrapped
+
+
+@require_safe
+@_admin_only
+def calibration(request: HttpRequest) -> HttpResponse:
+    """Operating points, newest first, each with its validation numbers and curves."""
+    points = list(selectors.operating_points()[:50])
+    return render(request, "triage/calibration.html", {"points": points})
+
+
+@require_safe
+@_admin_only
+def calibration_curves(request: HttpRequest, pk: int) -> HttpResponse:
+    """The point's ROC and workload curves (validation run) as a PNG."""
+    from . import metrics
+
+    point = get_object_or_404(OperatingPoint, pk=pk)
+    curve = point.validation.get("curve") or []
+    if not curve:
+        raise Http404("this operating point has no validation curves")
+    png = metrics.plot_curves(
+        curve,
+        title=f"operating point {point.pk} on {point.validation_cohort or 'no cohort'}",
+        operating_point={
+            "threshold": point.threshold,
+            "sensitivity": point.sensitivity,
+            "specificity": point.specificity,
+            "workload_reduction": point.workload_reduction,
+        },
+    )
+    response = HttpResponse(png, content_type="image/png")
+    response["Cache-Control"] = "private, max-age=60"
+    return response
+
+
+@require_POST
+@_admin_only
+def calibration_sign_off(request: HttpRequest, pk: int) -> HttpResponse:
+    """Sign off a computed point (audited); htmx gets its row back."""
+    point = get_object_or_404(OperatingPoint, pk=pk)
+    error = ""
+    try:
+        point = services.operating_point_sign_off(point=point, user=request.user, via="web", request=request)
+    except ValueError as exc:
+        error = str(exc)
+    if not request.htmx:
+        if error:
+            return HttpResponse(error, status=409, content_type="text/plain")
+        return HttpResponseRedirect(reverse("triage:calibration"))
+    point = selectors.operating_points().get(pk=point.pk)
+    return render(
+        request, "triage/partials/_operating_point.html", {"point": point, "error": error}, status=409 if error else 200
+    )

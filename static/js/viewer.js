@@ -1,5 +1,6 @@
 // Precedent viewer: one frame rendered by the server as PNG, shown with window/level,
-// zoom, pan, frame scrolling and a ground-truth overlay. Plain JS, no dependencies.
+// zoom, pan, frame scrolling, a ground-truth overlay and the models' detection boxes and
+// segmentation masks (from the overlays API). Plain JS, no dependencies.
 (() => {
   "use strict";
 
@@ -29,6 +30,10 @@
       this.selectionRect = root.querySelector("[data-selection-rect]");
       this.findLesions = root.querySelector("[data-find-lesions]");
       this.selection = null;
+      // Model output, drawn in image pixels like the findings so it follows zoom and pan.
+      this.overlaysUrl = root.dataset.overlaysUrl;
+      this.detections = root.querySelector("[data-detections]");
+      this.masks = root.querySelector("[data-masks]");
 
       this.previewUrl = root.dataset.previewUrl;
       this.frames = Number(root.dataset.frames) || 1;
@@ -55,6 +60,7 @@
       this.bind();
       this.fit();
       this.load();
+      this.loadOverlays();
     }
 
     bind() {
@@ -68,6 +74,12 @@
       on(this.root.querySelector("[data-findings-toggle]"), "change", (e) => {
         // An <svg> has no `hidden` property (that is HTMLElement's): hide it with CSS.
         this.overlay.style.display = e.target.checked ? "" : "none";
+      });
+      on(this.root.querySelector("[data-detections-toggle]"), "change", (e) => {
+        if (this.detections) this.detections.style.display = e.target.checked ? "" : "none";
+      });
+      on(this.root.querySelector("[data-masks-toggle]"), "change", (e) => {
+        if (this.masks) this.masks.hidden = !e.target.checked;
       });
       this.root.querySelectorAll("[data-tool]").forEach((button) =>
         on(button, "click", () => this.setTool(button.dataset.tool)),
@@ -157,6 +169,71 @@
           this.root.classList.remove("is-loading");
         }
       }
+    }
+
+    // --- model overlays: detector boxes and segmentation masks ------------------------
+
+    async loadOverlays() {
+      if (!this.overlaysUrl || !this.layer || (!this.detections && !this.masks)) return;
+      let data;
+      try {
+        const response = await fetch(this.overlaysUrl, { credentials: "same-origin" });
+        if (!response.ok) return; // no overlays is not an error worth a message over the image
+        data = await response.json();
+      } catch {
+        return;
+      }
+      const boxes = (data.boxes || []).filter((box) => String(box.source).startsWith("model:"));
+      this.drawDetections(boxes);
+      this.drawMasks(data.masks || []);
+    }
+
+    drawDetections(boxes) {
+      if (!this.detections) return;
+      const ns = "http://www.w3.org/2000/svg";
+      this.detections.replaceChildren();
+      boxes.forEach((box) => {
+        const group = document.createElementNS(ns, "g");
+        group.setAttribute("class", "detection");
+        const rect = document.createElementNS(ns, "rect");
+        rect.setAttribute("x", String(box.x0));
+        rect.setAttribute("y", String(box.y0));
+        rect.setAttribute("width", String(box.x1 - box.x0));
+        rect.setAttribute("height", String(box.y1 - box.y0));
+        rect.style.stroke = box.colour;
+        const text = document.createElementNS(ns, "text");
+        text.setAttribute("x", String(box.x0));
+        text.setAttribute("y", String(box.y1));
+        text.setAttribute("dy", "1.1em");
+        text.style.fill = box.colour;
+        text.textContent = `${box.label} ${Number(box.score).toFixed(2)}`;
+        const title = document.createElementNS(ns, "title");
+        title.textContent = `${box.label}, score ${Number(box.score).toFixed(3)} (${box.source})`;
+        group.append(rect, text, title);
+        this.detections.append(group);
+      });
+      const label = this.root.querySelector("[data-detections-label]");
+      const text = this.root.querySelector("[data-detections-text]");
+      if (text) text.textContent = `Detections (${boxes.length})`;
+      if (label) label.hidden = boxes.length === 0;
+    }
+
+    drawMasks(masks) {
+      if (!this.masks) return;
+      this.masks.replaceChildren();
+      masks.forEach((mask) => {
+        const img = document.createElement("img");
+        img.src = mask.url;
+        img.alt = "";
+        img.draggable = false;
+        img.dataset.label = mask.label;
+        img.title = `${mask.label} (${mask.source})`;
+        this.masks.append(img);
+      });
+      const label = this.root.querySelector("[data-masks-label]");
+      const text = this.root.querySelector("[data-masks-text]");
+      if (text) text.textContent = `Masks (${masks.map((m) => m.label).join(", ")})`;
+      if (label) label.hidden = masks.length === 0;
     }
 
     showMessage(text) {

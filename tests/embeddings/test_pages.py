@@ -398,5 +398,5 @@ def test_viewer_offers_find_similar_and_the_box_tool(browser_client, archive):
     assert f'data-find-lesions data-href="{search_url}" aria-disabled="true"' in html
     assert 'data-tool="box"' in html and "data-selection-rect" in html
     assert "{#" not in html and "{%" not in html
-    # The box is drawn in true image pixels, like the findings.
-    assert html.count(f'viewBox="0 0 {instance.columns} {instance.rows}"') == 2
+    # The box is drawn in true image pixels, like the findings and the detector's boxes.
+    assert html.count(f'viewBox="0 0 {instance.columns} {instance.rows}"') == 3

@@ -179,6 +179,19 @@ PRECEDENT_URGENT_FINDINGS = env_list(
 PRECEDENT_TRIAGE_TASKS = env_list("PRECEDENT_TRIAGE_TASKS", ["mammography", "chest"])
 PRECEDENT_TRIAGE_QA_FRACTION = env_float("PRECEDENT_TRIAGE_QA_FRACTION", 0.05, minimum=0)
 PRECEDENT_TRIAGE_QA_SEED = env_str("PRECEDENT_TRIAGE_QA_SEED", "precedent-qa")
+# Scores: P(malignant) of an exam at or above which the classifier calls it suspicious,
+# and the detector scores at or above which a box of an urgent class makes a study
+# urgent, or any box makes it at least suspicious. All probabilities in 0..1.
+PRECEDENT_TRIAGE_SUSPICIOUS_MALIGNANT = env_float("PRECEDENT_TRIAGE_SUSPICIOUS_MALIGNANT", 0.5, minimum=0)
+PRECEDENT_TRIAGE_URGENT_DETECTION_SCORE = env_float("PRECEDENT_TRIAGE_URGENT_DETECTION_SCORE", 0.8, minimum=0)
+PRECEDENT_TRIAGE_SUSPICIOUS_DETECTION_SCORE = env_float("PRECEDENT_TRIAGE_SUSPICIOUS_DETECTION_SCORE", 0.5, minimum=0)
+for _name in (
+    "PRECEDENT_TRIAGE_SUSPICIOUS_MALIGNANT",
+    "PRECEDENT_TRIAGE_URGENT_DETECTION_SCORE",
+    "PRECEDENT_TRIAGE_SUSPICIOUS_DETECTION_SCORE",
+):
+    if not 0.0 <= globals()[_name] <= 1.0:
+        raise ImproperlyConfigured(f"{_name} must be between 0 and 1, got {globals()[_name]}")
 
 # DICOM C-STORE listener (`manage.py dicom_listener`): its AE title, address and port,
 # the calling AE titles it accepts (empty: any), and whether senders must call its title.

@@ -1,0 +1,304 @@
+"""Training, calibration and sign-off end to end on a few real MIAS films, and scoring
+on arrival with a signed-off operating point."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from django.core.management import CommandError, call_command
+from django.db import IntegrityError, transaction
+from django.urls import reverse
+from django.utils import timezone
+
+from studies.models import Cohort, Study
+from tests.triage.classifier_helpers import import_tiny_cohort
+from triage import classifier, services
+from triage.models import Category, OperatingPoint, TriageAudit, TriageModelVersion, TriageResult
+
+pytestmark = pytest.mark.django_db
+
+
+def run(name: str, *args: str) -> str:
+    out = io.StringIO()
+    call_command(name, *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.fixture
+def active_classifier() -> TriageModelVersion:
+    """A real (untrained, seeded) classifier, registered and active: scores are real outputs."""
+    torch.manual_seed(0)
+    model = classifier.build_classifier("resnet18")
+    return services.triage_model_register(
+        kind="classifier", model=model, meta=classifier.classifier_meta(model), activate=True
+    )
+
+
+@pytest.fixture
+def admin(django_user_model):
+    """An admin by role (the access policy's ADMIN permission), not by the staff flag."""
+    from access.services import role_grant
+
+    chief = django_user_model.objects.create_user(username="chief", password="a-long-test-password")
+    role_grant(user=chief, roles=["admin"])
+    return chief
+
+
+def test_train_triage_trains_registers_and_activates_a_classifier(datasets: Path) -> None:
+    import_tiny_cohort(datasets)
+    output = run("train_triage", "--cohort", "tiny", "--epochs", "1", "--activate", "--name", "tiny-cls")
+    version = TriageModelVersion.objects.get(name="tiny-cls")
+    assert version.status == "active" and version.kind == "classifier"
+    training = version.metadata["training"]
+    assert training["cohort"] == "tiny" and training["images"] == 8 and training["abnormal"] == 3
+    assert version.metadata["preprocessing"]["input_size"] >= 512
+    assert "registered, active" in output
+    loaded = services.active_triage_model("classifier")
+    assert loaded.version == version
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--cohort", "nope"), "no cohort named 'nope'"),
+        (("--cohort", "tiny", "--epochs", "0"), "--epochs must be at least 1"),
+        (("--cohort", "tiny", "--model", "all", "--name", "x"), "--name names one model"),
+    ],
+)
+def test_train_triage_bad_input(datasets: Path, args: tuple[str, ...], message: str) -> None:
+    Cohort.objects.create(name="tiny")
+    with pytest.raises(CommandError, match=message):
+        run("train_triage", *args)
+
+
+def test_train_triage_on_a_cohort_without_labels_says_so() -> None:
+    Cohort.objects.create(name="bare")
+    with pytest.raises(CommandError, match="no labelled images"):
+        run("train_triage", "--cohort", "bare", "--epochs", "1")
+    assert not TriageModelVersion.objects.exists()
+
+
+def test_calibrate_stores_an_operating_point_not_signed_off(datasets: Path, active_classifier) -> None:
+    import_tiny_cohort(datasets)
+    output = run("calibrate_triage", "--cohort", "tiny")
+    point = OperatingPoint.objects.get()
+    assert point.signed_off_at is None and point.validation_cohort.name == "tiny"
+    assert point.sensitivity == 1.0  # the default target keeps every abnormal exam
+    assert point.validation["exams"] == 4 and point.validation["abnormal_exams"] == 2
+    assert point.validation["curve"][0]["threshold"] is None  # +inf: nothing flagged
+    assert list(point.model_versions.all()) == [active_classifier]
+    assert "not signed off" in output
+
+
+def test_calibrate_with_sign_off_is_audited_and_retriages_pending_studies(
+    datasets: Path, active_classifier, admin, django_capture_on_commit_callbacks
+) -> None:
+    import_tiny_cohort(datasets)
+    services.triage_studies(studies=Study.objects.all())
+    assert set(TriageResult.objects.filter(is_current=True).values_list("category", flat=True)) == {"pending"}
+    with django_capture_on_commit_callbacks(execute=True):
+        output = run("calibrate_triage", "--cohort", "tiny", "--sign-off", "chief")
+    point = OperatingPoint.objects.get()
+    assert point.signed_off_by == admin and "signed off by chief" in output
+    audit = TriageAudit.objects.get(action=TriageAudit.Action.OPERATING_POINT)
+    assert audit.user == admin and audit.operating_point == point and audit.after["via"] == "command"
+    current = TriageResult.objects.filter(is_current=True)
+    assert current.count() == 4
+    assert not current.filter(category="pending").exists(), "pending studies were re-triaged"
+    # Every abnormal exam of the validation cohort stays above the threshold (sensitivity 1.0).
+    for result in current:
+        assert result.operating_point == point
+        assert result.scores["exam"]["p_abnormal"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        (None, ("--cohort", "nope"), "no cohort named 'nope'"),
+        ("empty", ("--cohort", "empty"), "cohort 'empty' is empty"),
+        ("tiny", ("--cohort", "tiny", "--target-sensitivity", "0"), "must be in \\(0, 1\\]"),
+        ("tiny", ("--cohort", "tiny", "--sign-off", "ghost"), "no user named 'ghost'"),
+        ("tiny", ("--cohort", "tiny", "--sign-off", "reader"), "not an admin"),
+    ],
+)
+def test_calibrate_bad_input(datasets: Path, active_classifier, user, setup, args, message) -> None:
+    if setup == "empty":
+        Cohort.objects.create(name="empty")
+    elif setup == "tiny":
+        import_tiny_cohort(datasets)
+    with pytest.raises(CommandError, match=message):
+        run("calibrate_triage", *args)
+    assert not OperatingPoint.objects.exists()
+
+
+def test_calibrate_refuses_a_cohort_without_labels_and_without_a_model(
+    datasets: Path, mammogram, ingest, active_classifier
+) -> None:
+    instance = ingest(mammogram())
+    cohort = Cohort.objects.create(name="unlabelled")
+    cohort.studies.add(instance.series.study)
+    with pytest.raises(CommandError, match="no labelled images"):
+        run("calibrate_triage", "--cohort", "unlabelled")
+    TriageModelVersion.objects.update(status="retired")
+    import_tiny_cohort(datasets)
+    with pytest.raises(CommandError, match="no classifier is active"):
+        run("calibrate_triage", "--cohort", "tiny")
+    assert not OperatingPoint.objects.exists()
+
+
+def test_sign_off_is_refused_without_a_validation_run(admin) -> None:
+    point = OperatingPoint.objects.create(threshold=0.3, sensitivity=1, specificity=0.5, workload_reduction=0.4)
+    with pytest.raises(ValueError, match="no validation run"):
+        services.operating_point_sign_off(point=point, user=admin)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        OperatingPoint.objects.filter(pk=point.pk).update(signed_off_by=admin, signed_off_at=timezone.now())
+    assert not TriageAudit.objects.exists()
+
+
+def _computed_point(classifier_version, threshold: float) -> OperatingPoint:
+    point = OperatingPoint.objects.create(
+        threshold=threshold,
+        sensitivity=1.0,
+        specificity=0.5,
+        workload_reduction=0.3,
+        validation_cohort=Cohort.objects.create(name=f"val-{threshold}"),
+        validation={
+            "exams": 4,
+            "patients": 4,
+            "abnormal_exams": 2,
+            "curve": [
+                {"threshold": None, "sensitivity": 0.0, "specificity": 1.0, "workload_reduction": 1.0},
+                {"threshold": threshold, "sensitivity": 1.0, "specificity": 0.5, "workload_reduction": 0.3},
+            ],
+        },
+        computed_at=timezone.now(),
+    )
+    point.model_versions.set([classifier_version])
+    return point
+
+
+@pytest.mark.parametrize(("offset", "category"), [(+0.05, Category.LIKELY_NEGATIVE), (-0.05, Category.ROUTINE)])
+def test_scoring_on_arrival_follows_the_signed_off_threshold(
+    settings, mammogram, ingest, active_classifier, admin, django_capture_on_commit_callbacks, offset, category
+) -> None:
+    settings.PRECEDENT_TRIAGE_SUSPICIOUS_MALIGNANT = 1.0
+    first = ingest(mammogram(patient_id="P-1"))
+    study = first.series.study
+    assert study.triage_results.get(is_current=True).category == Category.PENDING
+    loaded = services.active_triage_model("classifier")
+    p = services.classify_study(study, loaded)["exam"]["p_abnormal"]
+    point = _computed_point(active_classifier, threshold=p + offset)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.operating_point_sign_off(point=point, user=admin)
+    result = study.triage_results.get(is_current=True)
+    assert result.category == category
+    assert result.operating_point == point and list(result.model_versions.all()) == [active_classifier]
+    assert result.scores["exam"]["p_abnormal"] == pytest.approx(p, abs=1e-6)
+    assert set(result.scores["images"]) == {first.sop_instance_uid}
+    assert f"{p:.3f}" in result.reasons[0] and f"{p + offset:.3f}" in result.reasons[0]
+    # A later arrival is scored at once with the same point.
+    second = ingest(mammogram(patient_id="P-2"))
+    assert second.series.study.triage_results.get(is_current=True).category == category
+
+
+def test_a_high_malignancy_score_makes_the_study_suspicious(
+    settings, mammogram, ingest, active_classifier, admin, django_capture_on_commit_callbacks
+) -> None:
+    settings.PRECEDENT_TRIAGE_SUSPICIOUS_MALIGNANT = 0.0
+    with django_capture_on_commit_callbacks(execute=True):
+        services.operating_point_sign_off(point=_computed_point(active_classifier, 0.99), user=admin)
+    result = ingest(mammogram()).series.study.triage_results.get(is_current=True)
+    assert result.category == Category.SUSPICIOUS and "P(malignant)" in result.reasons[0]
+
+
+def test_non_mammography_studies_keep_waiting(
+    make_dicom, ingest, active_classifier, admin, django_capture_on_commit_callbacks
+) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        services.operating_point_sign_off(point=_computed_point(active_classifier, 0.5), user=admin)
+    instance = ingest(make_dicom())
+    result = instance.series.study.triage_results.get(is_current=True)
+    assert result.category in (Category.PENDING, Category.NOT_ASSESSABLE)
+    assert "p_abnormal" not in str(result.scores)
+
+
+def test_decide_with_detections() -> None:
+    rules = services.urgent_rules()
+    images = [services.ImageVerdict(True)]
+    state = services.ModelState(classifier="c", operating_point=True, threshold=0.5)
+    scores = {"exam": {"p_abnormal": 0.1, "p_malignant": 0.0}, "breasts": {"L": {"p_abnormal": 0.1}}}
+    urgent = services.decide(
+        images=images,
+        findings=[],
+        rules=rules,
+        models=state,
+        scores=scores,
+        detections=[services.ModelDetection("malignant:mass", 0.95, "1.2.3")],
+    )
+    assert urgent.category == Category.URGENT and "malignant:mass" in urgent.reasons[0]
+    suspicious = services.decide(
+        images=images,
+        findings=[],
+        rules=rules,
+        models=state,
+        scores=scores,
+        detections=[services.ModelDetection("benign:CALC", 0.6, "1.2.3")],
+    )
+    assert suspicious.category == Category.SUSPICIOUS
+    low = services.decide(
+        images=images,
+        findings=[],
+        rules=rules,
+        models=state,
+        scores=scores,
+        detections=[services.ModelDetection("malignant:mass", 0.2, "1.2.3")],
+    )
+    assert low.category == Category.LIKELY_NEGATIVE
+    no_point = services.decide(
+        images=images, findings=[], rules=rules, models=services.ModelState(classifier="c"), scores=None
+    )
+    assert no_point.category == Category.PENDING and "no operating point" in no_point.reasons[0]
+
+
+# --- the calibration page ------------------------------------------------------------------
+
+
+def test_calibration_page_draws_curves_and_signs_off_with_an_audit(
+    client, admin, active_classifier, django_capture_on_commit_callbacks
+) -> None:
+    point = _computed_point(active_classifier, 0.4)
+    client.force_login(admin)
+    page = client.get(reverse("triage:calibration"))
+    assert page.status_code == 200
+    assert f"Operating point {point.pk}" in page.text and "Sign off" in page.text
+    png = client.get(reverse("triage:calibration-curves", args=[point.pk]))
+    assert png.status_code == 200 and png["Content-Type"] == "image/png" and png.content[:4] == b"\x89PNG"
+    with django_capture_on_commit_callbacks(execute=True):
+        signed = client.post(reverse("triage:calibration-sign-off", args=[point.pk]), HTTP_HX_REQUEST="true")
+    assert signed.status_code == 200 and "signed off" in signed.text
+    point.refresh_from_db()
+    assert point.signed_off_by == admin
+    assert TriageAudit.objects.get(action="operating_point").after["via"] == "web"
+    again = client.post(reverse("triage:calibration-sign-off", args=[point.pk]), HTTP_HX_REQUEST="true")
+    assert again.status_code == 409 and "signed off already" in again.text
+
+
+def test_calibration_page_is_for_admins_only(browser_client, active_classifier) -> None:
+    point = _computed_point(active_classifier, 0.4)
+    assert browser_client.get(reverse("triage:calibration")).status_code == 403
+    assert browser_client.post(reverse("triage:calibration-sign-off", args=[point.pk])).status_code == 403
+    point.refresh_from_db()
+    assert point.signed_off_at is None
+
+
+def test_a_point_without_validation_cannot_be_signed_off_on_the_page(client, admin) -> None:
+    point = OperatingPoint.objects.create(threshold=0.3, sensitivity=1, specificity=0.5, workload_reduction=0.4)
+    client.force_login(admin)
+    assert "cannot be signed off" in client.get(reverse("triage:calibration")).text
+    response = client.post(reverse("triage:calibration-sign-off", args=[point.pk]))
+    assert response.status_code == 409
+    point.refresh_from_db()
+    assert point.signed_off_at is None

@@ -1,0 +1,114 @@
+"""The detector's pure core on real MIAS films: one-channel FCOS, its coordinate frame,
+a tiny training run, and the weights file round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from triage import detection
+from triage.weights import load_model_file, save_model
+
+# mdb001: one benign circumscribed mass, centre (535, 599) radius 197 (top-left origin);
+# mdb002: one at (522, 744) radius 69 (annotations.csv).
+LESIONS = {"mdb001": (338.0, 402.0, 732.0, 796.0), "mdb002": (453.0, 675.0, 591.0, 813.0)}
+
+
+@pytest.fixture(scope="module")
+def films(datasets: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for name in ("mdb001", "mdb002", "mdb003"):
+        with Image.open(datasets / "mini-mias" / "images" / f"{name}.png") as image:
+            out[name] = np.asarray(image.convert("L"))
+    return out
+
+
+def test_prepare_keeps_aspect_and_reports_the_scale(films):
+    film = films["mdb001"]
+    tensor, scale = detection.prepare(film, 128)
+    assert tensor.shape == (1, 128, 128) and scale == pytest.approx(0.125)
+    assert 0.0 <= float(tensor.min()) and float(tensor.max()) <= 1.0
+    wide, scale = detection.prepare(film[:, :512], 128)  # 1024 rows × 512 columns
+    assert wide.shape == (1, 128, 64) and scale == pytest.approx(0.125)
+    inverted, _ = detection.prepare(film, 128, monochrome1=True)
+    assert torch.allclose(inverted, 1.0 - tensor)
+
+
+def test_the_detector_takes_one_grey_channel():
+    model = detection.build(["CIRC", "CALC"], input_size=128)
+    assert model.backbone.body.conv1.in_channels == 1
+    assert list(model.transform.image_mean) == [detection.MEAN]
+    with pytest.raises(ValueError, match="unknown detector architecture"):
+        detection.build(["CIRC"], arch="fcos-vgg")
+    with pytest.raises(ValueError, match="at least one class"):
+        detection.build([])
+
+
+def _meta(model_config: dict, classes=("CIRC",)):
+    return detection.make_meta(list(classes), model_config)
+
+
+def test_boxes_come_back_in_the_pixels_of_the_image_given(films):
+    """The same film at full size and at half size gives the network the same input,
+    so the boxes must differ by exactly the factor 2: the scaling back is right."""
+    torch.manual_seed(0)
+    config = {"arch": "fcos-resnet18", "input_size": 128, "score_thresh": 0.0, "detections_per_img": 5}
+    model = detection.build(["CIRC"], **config).eval()
+    meta = _meta(config)
+    film = films["mdb001"]
+    half = np.asarray(Image.fromarray(film).resize((512, 512), Image.BILINEAR))
+    full_boxes = detection.detect(model, meta, film)
+    half_boxes = detection.detect(model, meta, half)
+    assert full_boxes and len(full_boxes) == len(half_boxes)
+    for a, b in zip(full_boxes, half_boxes, strict=True):
+        assert a.label == "CIRC" and 0.0 <= a.score <= 1.0
+        assert 0 <= a.x0 < a.x1 <= 1024 and 0 <= a.y0 < a.y1 <= 1024
+        np.testing.assert_allclose(a.box, np.array(b.box) * 2, atol=12)
+
+
+def test_a_short_training_run_lowers_the_loss_and_round_trips_through_the_weights_file(films, tmp_path):
+    samples = [
+        detection.Sample(films["mdb001"], [LESIONS["mdb001"]], [0]),
+        detection.Sample(films["mdb002"], [LESIONS["mdb002"]], [0]),
+        detection.Sample(films["mdb003"]),  # a normal film: background only
+    ]
+    model, report = detection.train(
+        samples,
+        ["CIRC"],
+        input_size=128,
+        epochs=6,
+        batch_size=3,
+        negatives_per_positive=1.0,
+        lr=1e-3,
+        augment=False,
+        progress=False,
+        fpn_channels=64,
+    )
+    assert report.steps == 6 and report.settings["boxes"] == 2 and report.settings["positive_images"] == 2
+    assert report.epoch_losses[-1] < report.epoch_losses[0]
+
+    meta = detection.make_meta(["CIRC"], detection.model_config(report))
+    path = tmp_path / "detector.pt"
+    save_model(path, model, meta)
+    state, loaded_meta = load_model_file(path)
+    rebuilt = detection.build_from_meta(loaded_meta)
+    rebuilt.load_state_dict(state)
+    rebuilt.eval()
+    assert loaded_meta.kind == "detector" and loaded_meta.preprocessing["long_side"] == 128
+    original = detection.detect(model, meta, films["mdb001"])
+    again = detection.detect(rebuilt, loaded_meta, films["mdb001"])
+    assert original
+    np.testing.assert_allclose([b.box for b in original], [b.box for b in again], atol=1e-3)
+
+
+def test_training_refuses_what_it_cannot_learn_from(films):
+    with pytest.raises(ValueError, match="no training image has a box"):
+        detection.train([detection.Sample(films["mdb003"])], ["CIRC"], progress=False)
+    with pytest.raises(ValueError, match="class index"):
+        detection.train([detection.Sample(films["mdb001"], [LESIONS["mdb001"]], [3])], ["CIRC"], progress=False)
+    with pytest.raises(ValueError, match="fpn_channels"):
+        detection.build(["CIRC"], fpn_channels=32)

@@ -1,0 +1,123 @@
+"""Metrics on hand-computable cases, and evaluate_triage end to end on a few MIAS films."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from django.core.management import CommandError, call_command
+
+from studies.models import Cohort
+from tests.triage.classifier_helpers import import_tiny_cohort
+from triage import classifier, metrics, services
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def test_auc_on_known_cases() -> None:
+    assert metrics.auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert metrics.auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    # 4 pairs: (0.35>0.1) (0.35<0.4) (0.8>0.1) (0.8>0.4) → 3/4
+    assert metrics.auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+    assert metrics.auc([0, 1], [0.5, 0.5]) == 0.5  # a tie counts one half
+    assert metrics.auc([1, 1], [0.2, 0.3]) is None
+
+
+def test_threshold_for_full_sensitivity_rules_out_the_normals_below_every_abnormal() -> None:
+    labels = [0, 0, 0, 0, 1, 1]
+    scores = [0.1, 0.2, 0.5, 0.7, 0.3, 0.9]
+    point = metrics.threshold_for_sensitivity(labels, scores, 1.0)
+    assert point.threshold == 0.3 and point.sensitivity == 1.0
+    assert point.specificity == 0.5  # 0.1 and 0.2 of four normals
+    assert point.workload_reduction == pytest.approx(2 / 6)
+    assert metrics.rule_out_at_full_sensitivity(labels, scores) == 0.5
+    half = metrics.threshold_for_sensitivity(labels, scores, 0.5)
+    assert half.threshold == 0.9 and half.sensitivity == 0.5 and half.specificity == 1.0
+    with pytest.raises(ValueError, match="no abnormal exams"):
+        metrics.threshold_for_sensitivity([0, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match="target sensitivity"):
+        metrics.threshold_for_sensitivity(labels, scores, 0.0)
+
+
+def test_curve_runs_from_nothing_flagged_to_everything_flagged() -> None:
+    points = metrics.curve([0, 1, 0, 1], [0.1, 0.4, 0.35, 0.8])
+    assert math.isinf(points[0].threshold) and points[0].sensitivity == 0.0 and points[0].specificity == 1.0
+    assert points[-1].threshold == 0.1 and points[-1].sensitivity == 1.0 and points[-1].specificity == 0.0
+    assert [p.sensitivity for p in points] == sorted(p.sensitivity for p in points)
+    assert metrics.curve_dicts(points)[0]["threshold"] is None
+    png = metrics.plot_curves(points, operating_point=points[2])
+    assert png[:4] == b"\x89PNG"
+
+
+def test_metrics_refuse_bad_input() -> None:
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        metrics.auc([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="3 labels for 2 scores"):
+        metrics.auc([0, 1, 1], [0.1, 0.2])
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def run(*args: str) -> str:
+    out = io.StringIO()
+    call_command("evaluate_triage", *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.fixture
+def active_classifier(db):
+    torch.manual_seed(0)
+    model = classifier.build_classifier("resnet18")
+    return services.triage_model_register(
+        kind="classifier", model=model, meta=classifier.classifier_meta(model), activate=True
+    )
+
+
+@pytest.mark.django_db
+def test_evaluate_json_is_one_object_with_the_agreed_keys(datasets: Path, active_classifier, tmp_path: Path) -> None:
+    import_tiny_cohort(datasets)
+    output = run("--cohort", "tiny", "--json", "--out", str(tmp_path / "eval"))
+    result = json.loads(output)  # exactly one JSON object, nothing else on stdout
+    assert {
+        "auc_abnormal",
+        "auc_malignant",
+        "rule_out_at_full_sensitivity",
+        "operating_point",
+        "froc",
+        "dice_mean",
+    } <= set(result)
+    assert set(result["operating_point"]) >= {"sensitivity", "specificity", "workload_reduction"}
+    assert result["operating_point"]["signed_off"] is False and result["operating_point"]["threshold"] == 0.5
+    assert 0.0 <= result["auc_abnormal"] <= 1.0
+    assert result["auc_malignant"] is None  # the first MIAS lesions are all benign
+    assert result["exams"] == 4 and result["abnormal_exams"] == 2 and result["image_level"]["images"] == 8
+    assert result["froc"] is None and result["dice_mean"] is None
+    assert (tmp_path / "eval" / "roc_workload.png").read_bytes()[:4] == b"\x89PNG"
+    text = run("--cohort", "tiny")
+    assert "AUC normal vs abnormal" in text and "no signed-off point" in text
+
+
+@pytest.mark.django_db
+def test_evaluate_bad_input(datasets: Path, mammogram, ingest) -> None:
+    with pytest.raises(CommandError, match="no cohort named 'nope'"):
+        run("--cohort", "nope")
+    Cohort.objects.create(name="empty")
+    with pytest.raises(CommandError, match="is empty"):
+        run("--cohort", "empty")
+    import_tiny_cohort(datasets)
+    with pytest.raises(CommandError, match="no classifier is active"):
+        run("--cohort", "tiny")
+    torch.manual_seed(0)
+    model = classifier.build_classifier("resnet18")
+    services.triage_model_register(
+        kind="classifier", model=model, meta=classifier.classifier_meta(model), activate=True
+    )
+    bare = Cohort.objects.create(name="bare")
+    bare.studies.add(ingest(mammogram()).series.study)
+    with pytest.raises(CommandError, match="no labelled images"):
+        run("--cohort", "bare")

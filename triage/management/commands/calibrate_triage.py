@@ -1,0 +1,66 @@
+"""python manage.py calibrate_triage --cohort NAME [--target-sensitivity 1.0] [--sign-off USERNAME]."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from studies.models import Cohort
+from triage import selectors, services
+
+
+class Command(BaseCommand):
+    help = (
+        "Score a (patient-level validation) cohort with the active classifier, compute the ROC and workload "
+        "curves and store the threshold that keeps the target sensitivity as an operating point, not signed off. "
+        "--sign-off USERNAME signs it off at once (audited), for scripted setups."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--cohort", required=True)
+        parser.add_argument("--target-sensitivity", type=float, default=1.0, help="exam level, in (0, 1]")
+        parser.add_argument("--sign-off", metavar="USERNAME", default="", help="sign the new point off as this user")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        cohort = Cohort.objects.filter(name=options["cohort"]).first()
+        if cohort is None:
+            raise CommandError(f"no cohort named {options['cohort']!r}")
+        target = options["target_sensitivity"]
+        if not 0.0 < target <= 1.0:
+            raise CommandError(f"--target-sensitivity must be in (0, 1], got {target}")
+        user = None
+        if options["sign_off"]:
+            user = get_user_model().objects.filter(username=options["sign_off"]).first()
+            if user is None:
+                raise CommandError(f"no user named {options['sign_off']!r}")
+            if not selectors.user_can_sign_off(user=user):
+                raise CommandError(f"{options['sign_off']} is not an admin: only an admin signs off operating points")
+        if not cohort.studies.exists():
+            raise CommandError(f"cohort {cohort.name!r} is empty")
+        try:
+            point = services.operating_point_compute(
+                cohort=cohort, target_sensitivity=target, progress=options["verbosity"] > 0
+            )
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        v = point.validation
+        self.stdout.write(
+            f"operating point {point.pk}: threshold {point.threshold:.4f} on P(abnormal) keeps sensitivity "
+            f"{point.sensitivity:.3f} (target {target:g}), specificity {point.specificity:.3f}, workload reduction "
+            f"{point.workload_reduction:.3f} on {v['exams']} exams of {v['patients']} patients "
+            f"({v['abnormal_exams']} abnormal); AUC {_fmt(v['auc_abnormal'])}"
+        )
+        if user is not None:
+            try:
+                services.operating_point_sign_off(point=point, user=user, via="command")
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+            self.stdout.write(f"signed off by {user.get_username()}; pending studies are re-triaged")
+        else:
+            self.stdout.write("not signed off: an admin signs it off on the calibration page (or use --sign-off)")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,141 @@
+"""python manage.py evaluate_triage --cohort NAME [--json] [--out DIR] [--threshold T]."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from studies.models import Cohort, Instance
+from triage import metrics, selectors, services
+from triage.models import TriageModelVersion
+
+DEFAULT_THRESHOLD = 0.5  # stated in the output when no operating point is signed off
+
+
+class Command(BaseCommand):
+    help = (
+        "Evaluate the active triage models on a labelled (patient-level test) cohort: AUC normal-vs-abnormal and "
+        "benign-vs-malignant at exam and image level, sensitivity/specificity/workload reduction at the signed-off "
+        "operating point, normals ruled out at 100 % sensitivity, FROC and Dice of the localiser; ROC and "
+        "workload curves as PNG."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--cohort", required=True)
+        parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+        parser.add_argument("--out", type=Path, default=None, help="folder for the PNG curves (default: none)")
+        parser.add_argument(
+            "--threshold",
+            type=float,
+            default=None,
+            help=f"threshold on P(abnormal) when no operating point is signed off (default {DEFAULT_THRESHOLD})",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        cohort = Cohort.objects.filter(name=options["cohort"]).first()
+        if cohort is None:
+            raise CommandError(f"no cohort named {options['cohort']!r}")
+        if not cohort.studies.exists():
+            raise CommandError(f"cohort {cohort.name!r} is empty")
+        try:
+            loaded = services.active_triage_model(TriageModelVersion.Kind.CLASSIFIER)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        if loaded is None:
+            raise CommandError("no classifier is active: train one with train_triage --activate")
+        try:
+            exams = selectors.cohort_exam_scores(
+                cohort=cohort, module=loaded.module, progress=options["verbosity"] > 0 and not options["json"]
+            )
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+
+        exam_abnormal = [e.abnormal for e in exams]
+        exam_scores = [e.p_abnormal for e in exams]
+        lesion_exams = [e for e in exams if e.malignant in (0, 1)]
+        images = [(item, pa, pm) for e in exams for item, pa, pm in e.images]
+        lesion_images = [(item, pm) for item, _pa, pm in images if item.malignant in (0, 1)]
+        image_abnormal = [item.abnormal for item, _pa, _pm in images]
+
+        point = selectors.signed_off_point(loaded.version)
+        threshold = point.threshold if point else options["threshold"] or DEFAULT_THRESHOLD
+        at = metrics.at_threshold(exam_abnormal, exam_scores, threshold)
+        curve = metrics.curve(exam_abnormal, exam_scores)
+        result: dict[str, Any] = {
+            "auc_abnormal": metrics.auc(exam_abnormal, exam_scores),
+            "auc_malignant": metrics.auc([e.malignant for e in lesion_exams], [e.p_malignant for e in lesion_exams]),
+            "rule_out_at_full_sensitivity": metrics.rule_out_at_full_sensitivity(exam_abnormal, exam_scores),
+            "operating_point": {
+                "sensitivity": at.sensitivity,
+                "specificity": at.specificity,
+                "workload_reduction": at.workload_reduction,
+                "threshold": threshold,
+                "signed_off": point is not None,
+                "id": point.pk if point else None,
+            },
+            "image_level": {
+                "auc_abnormal": metrics.auc(image_abnormal, [pa for _i, pa, _pm in images]),
+                "auc_malignant": metrics.auc([i.malignant for i, _ in lesion_images], [pm for _, pm in lesion_images]),
+                "images": len(images),
+            },
+            "exams": len(exams),
+            "abnormal_exams": sum(exam_abnormal),
+            "patients": len({e.patient_id for e in exams}),
+            "classifier": loaded.version.name,
+            "froc": None,
+            "dice_mean": None,
+            "localisation": "",
+        }
+        if options["out"] is not None:
+            out = Path(options["out"])
+            out.mkdir(parents=True, exist_ok=True)
+            metrics.plot_curves(
+                curve,
+                out / "roc_workload.png",
+                title=f"{loaded.version.name} on {cohort.name} (exam level)",
+                operating_point=at,
+            )
+            result["roc_png"] = str(out / "roc_workload.png")
+        result.update(self._localisation(exams, options["out"]))
+        if options["json"]:
+            self.stdout.write(json.dumps(result))
+            return
+        op = result["operating_point"]
+        self.stdout.write(
+            f"{cohort.name}: {result['exams']} exams of {result['patients']} patients ({result['abnormal_exams']} "
+            f"abnormal), classifier {loaded.version.name}\n"
+            f"AUC normal vs abnormal {_fmt(result['auc_abnormal'])} (exam), "
+            f"{_fmt(result['image_level']['auc_abnormal'])} (image)\n"
+            f"AUC benign vs malignant {_fmt(result['auc_malignant'])} (exam), "
+            f"{_fmt(result['image_level']['auc_malignant'])} (image)\n"
+            f"normals ruled out at 100 % sensitivity: {_fmt(result['rule_out_at_full_sensitivity'])}\n"
+            f"at threshold {threshold:.4f} ({'signed-off point ' + str(point.pk) if point else 'no signed-off point'}):"
+            f" sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}, "
+            f"workload reduction {op['workload_reduction']:.3f}\n"
+            f"FROC: {result['froc'] if result['froc'] is not None else 'n/a'}; Dice: {_fmt(result['dice_mean'])}"
+            + (f" ({result['localisation']})" if result["localisation"] else "")
+        )
+        if "roc_png" in result:
+            self.stdout.write(f"curves: {result['roc_png']}")
+
+    def _localisation(self, exams, out: Path | None) -> dict[str, Any]:
+        """FROC and Dice from the localiser's evaluation, when a detector or segmenter is active."""
+        active = TriageModelVersion.objects.filter(
+            kind__in=[TriageModelVersion.Kind.DETECTOR, TriageModelVersion.Kind.SEGMENTER],
+            status=TriageModelVersion.Status.ACTIVE,
+        ).exists()
+        evaluate = getattr(services, "evaluate_localisation", None)
+        if not active or evaluate is None:
+            return {"localisation": "no active detector or segmenter"}
+        ids = [item.instance.pk for e in exams for item, _pa, _pm in e.images]
+        out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="precedent-froc-"))
+        report = evaluate(instances=Instance.objects.filter(pk__in=ids), out_dir=out_dir)
+        return {"froc": report.get("froc"), "dice_mean": report.get("dice_mean"), "froc_png": report.get("froc_png")}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,173 @@
+"""Triage metrics: ROC, AUC, the workload curve and the rule-out threshold (numpy only,
+no Django), plus the curves drawn as PNG.
+
+Convention everywhere: a higher score means "more likely abnormal"; at threshold t an
+exam with score >= t is flagged (read as usual) and one with score < t is ruled out
+(likely negative). Sensitivity is the share of abnormal exams flagged, specificity the
+share of normal exams ruled out, workload reduction the share of all exams ruled out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def _arrays(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"{len(y)} labels for {len(s)} scores")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    return y, s
+
+
+def auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Area under the ROC curve: the probability that a random positive scores above a
+    random negative, ties counting one half (Mann-Whitney U). None without both classes."""
+    y, s = _arrays(labels, scores)
+    positives, negatives = int(y.sum()), int((1 - y).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_scores = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[y == 1].sum() - positives * (positives + 1) / 2
+    return float(u / (positives * negatives))
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    threshold: float
+    sensitivity: float  # true positive rate
+    specificity: float  # 1 - false positive rate = share of normals ruled out
+    workload_reduction: float  # share of all exams ruled out (score < threshold)
+
+
+def curve(labels: Sequence[int], scores: Sequence[float]) -> list[CurvePoint]:
+    """One point per distinct score (as threshold) plus +inf (nothing flagged), from
+    the highest threshold to the lowest: the ROC curve and the workload curve at once."""
+    y, s = _arrays(labels, scores)
+    positives, negatives, total = int(y.sum()), int((1 - y).sum()), len(y)
+    points = [CurvePoint(math.inf, 0.0 if positives else 1.0, 1.0, 1.0 if total else 0.0)]
+    for t in np.unique(s)[::-1]:
+        flagged = s >= t
+        tp = int((flagged & (y == 1)).sum())
+        tn = int((~flagged & (y == 0)).sum())
+        points.append(
+            CurvePoint(
+                threshold=float(t),
+                sensitivity=tp / positives if positives else 1.0,
+                specificity=tn / negatives if negatives else 1.0,
+                workload_reduction=float((~flagged).sum()) / total,
+            )
+        )
+    return points
+
+
+def at_threshold(labels: Sequence[int], scores: Sequence[float], threshold: float) -> CurvePoint:
+    y, s = _arrays(labels, scores)
+    positives, negatives = int(y.sum()), int((1 - y).sum())
+    flagged = s >= threshold
+    return CurvePoint(
+        threshold=float(threshold),
+        sensitivity=float((flagged & (y == 1)).sum()) / positives if positives else 1.0,
+        specificity=float((~flagged & (y == 0)).sum()) / negatives if negatives else 1.0,
+        workload_reduction=float((~flagged).sum()) / len(y) if len(y) else 0.0,
+    )
+
+
+def threshold_for_sensitivity(labels: Sequence[int], scores: Sequence[float], target: float = 1.0) -> CurvePoint:
+    """The highest threshold (most exams ruled out) whose sensitivity is at least
+    `target`: the k-th highest positive score, k = ceil(target · positives)."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+    y, s = _arrays(labels, scores)
+    positive_scores = np.sort(s[y == 1])[::-1]
+    if len(positive_scores) == 0:
+        raise ValueError("no abnormal exams: sensitivity is undefined")
+    k = max(1, math.ceil(target * len(positive_scores) - 1e-9))
+    return at_threshold(y, s, float(positive_scores[k - 1]))
+
+
+def rule_out_at_full_sensitivity(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Share of normal exams scored below every abnormal one (ruled out with none missed)."""
+    y, s = _arrays(labels, scores)
+    if y.sum() == 0 or (1 - y).sum() == 0:
+        return None
+    return threshold_for_sensitivity(y, s, 1.0).specificity
+
+
+def curve_dicts(points: Sequence[CurvePoint]) -> list[dict[str, float | None]]:
+    """JSON-ready points (an infinite threshold becomes None)."""
+    out = []
+    for p in points:
+        d = asdict(p)
+        d["threshold"] = None if math.isinf(p.threshold) else round(p.threshold, 6)
+        for key in ("sensitivity", "specificity", "workload_reduction"):
+            d[key] = round(d[key], 6)
+        out.append(d)
+    return out
+
+
+def plot_curves(
+    points: Sequence[CurvePoint] | Sequence[dict],
+    path: str | Path | None = None,
+    *,
+    title: str = "",
+    operating_point: CurvePoint | dict | None = None,
+) -> bytes:
+    """ROC (sensitivity against 1 - specificity) and workload curve (share of normals
+    ruled out against sensitivity) side by side, as PNG bytes; written to `path` too."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    rows = [asdict(p) if isinstance(p, CurvePoint) else dict(p) for p in points]
+    sens = [r["sensitivity"] for r in rows]
+    spec = [r["specificity"] for r in rows]
+    fig = Figure(figsize=(9, 4), dpi=100)
+    roc, work = fig.subplots(1, 2)
+    roc.plot([1 - v for v in spec], sens, drawstyle="steps-post", color="tab:blue")
+    roc.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    roc.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1.02))
+    work.plot(sens, spec, color="tab:green")
+    work.set(
+        xlabel="sensitivity kept",
+        ylabel="share of normal exams ruled out",
+        title="Workload",
+        xlim=(0, 1.02),
+        ylim=(0, 1),
+    )
+    if operating_point is not None:
+        op = asdict(operating_point) if isinstance(operating_point, CurvePoint) else dict(operating_point)
+        roc.plot([1 - op["specificity"]], [op["sensitivity"]], "o", color="tab:red", label="operating point")
+        work.plot([op["sensitivity"]], [op["specificity"]], "o", color="tab:red")
+        roc.legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    data = buffer.getvalue()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(data)
+    return data
