@@ -33,7 +33,7 @@ class SearchInput(serializers.Serializer):
     )
     encoder = serializers.CharField(required=False, max_length=100, help_text="encoder version (default: active)")
     k = serializers.IntegerField(required=False, default=10, min_value=1, max_value=MAX_K)
-    kind = serializers.ChoiceField(choices=Embedding.Kind.values, required=False)
+    kind = serializers.ChoiceField(choices=Embedding.Kind.choices, required=False)
     modality = serializers.CharField(required=False, allow_blank=True, max_length=16)
     body_part = serializers.CharField(required=False, allow_blank=True, max_length=64)
     laterality = serializers.CharField(required=False, allow_blank=True, max_length=16)
@@ -71,7 +71,7 @@ class _SearchOptions(serializers.Serializer):
     encoder = serializers.CharField(required=False, max_length=100, help_text="encoder version (default: active)")
     k = serializers.IntegerField(required=False, default=10, min_value=1, max_value=MAX_K)
     kind = serializers.ChoiceField(
-        choices=Embedding.Kind.values,
+        choices=Embedding.Kind.choices,
         required=False,
         help_text="What to search: whole images, or lesion regions (default: region with a box, else image).",
     )
@@ -126,7 +126,7 @@ class SearchHitOutput(serializers.Serializer):
     rank = serializers.IntegerField()
     embedding_id = serializers.IntegerField()
     score = serializers.FloatField()
-    kind = serializers.ChoiceField(choices=Embedding.Kind.values)
+    kind = serializers.ChoiceField(choices=Embedding.Kind.choices)
     sop_instance_uid = serializers.CharField()
     series_instance_uid = serializers.CharField()
     study_instance_uid = serializers.CharField()
@@ -156,7 +156,7 @@ class SearchResultsOutput(serializers.Serializer):
     )
     message = serializers.CharField()
     encoder = serializers.CharField(help_text="The encoder version searched (empty with no_encoder).")
-    kind = serializers.ChoiceField(choices=Embedding.Kind.values)
+    kind = serializers.ChoiceField(choices=Embedding.Kind.choices)
     k = serializers.IntegerField()
     query = SearchQueryOutput()
     results = SearchHitOutput(many=True)

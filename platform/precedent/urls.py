@@ -17,10 +17,12 @@ urlpatterns = [
     ),
     path("api/v1/search/", include("embeddings.api_urls", namespace="search-api")),
     path("api/v1/", include("triage.api_urls", namespace="triage-api")),
+    path("api/v1/", include("exports.api_urls", namespace="exports-api")),
     path("api/v1/", include("studies.api_urls", namespace="api")),
     path("dicomweb/", include("dicomweb.urls")),
     path("worklist/", include("triage.urls")),
     path("search/", include("embeddings.urls")),
+    path("exports/", include("exports.urls")),
     path("audit/", include("access.urls")),
     path("", include("studies.urls")),
 ]

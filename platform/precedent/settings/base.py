@@ -56,6 +56,7 @@ INSTALLED_APPS = [
     "triage",
     "dicomweb",
     "dimse",
+    "exports",
     "access",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -193,6 +194,10 @@ for _name in (
     if not 0.0 <= globals()[_name] <= 1.0:
         raise ImproperlyConfigured(f"{_name} must be between 0 and 1, got {globals()[_name]}")
 
+# Exports: the most instances one de-identified export (a zip) may hold; larger
+# selections are refused with a reason instead of tying up a worker for long.
+PRECEDENT_EXPORT_MAX_INSTANCES = env_int("PRECEDENT_EXPORT_MAX_INSTANCES", 2000, minimum=1)
+
 # DICOM C-STORE listener (`manage.py dicom_listener`): its AE title, address and port,
 # the calling AE titles it accepts (empty: any), and whether senders must call its title.
 PRECEDENT_DICOM_AE_TITLE = env_str("PRECEDENT_DICOM_AE_TITLE", "PRECEDENT")
@@ -224,7 +229,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "PREPROCESSING_HOOKS": ["precedent.api.rest_api_only"],
-    "ENUM_NAME_OVERRIDES": {"TriageCategoryEnum": "triage.models.Category"},
+    "ENUM_NAME_OVERRIDES": {
+        "TriageCategoryEnum": "triage.models.Category",
+        "AiDicomKindEnum": "exports.models.AiDicomResult.Kind",
+        "EmbeddingKindEnum": "embeddings.models.Embedding.Kind",
+    },
 }
 
 LOGGING = {
