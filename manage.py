@@ -20,7 +20,14 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "precedent.settings.dev")
     from django.core.management import execute_from_command_line
 
-    execute_from_command_line(sys.argv)
+    try:
+        execute_from_command_line(sys.argv)
+    finally:
+        # Background jobs a command queued (embedding, triage of what it stored) finish
+        # before the process, and with it perhaps the embedded PostgreSQL, goes away.
+        from precedent.tasks import finish_background_jobs
+
+        finish_background_jobs()
 
 
 if __name__ == "__main__":

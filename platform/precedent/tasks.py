@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +84,11 @@ class InProcessWorker:
             self._pending += 1
         self._queue.put((name, kwargs))
 
+    @property
+    def pending(self) -> int:
+        with self._done:
+            return self._pending
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every submitted job has run (for tests and commands)."""
         with self._done:
@@ -121,3 +127,26 @@ def _worker() -> InProcessWorker:
 def wait_for_background_jobs(timeout: float | None = None) -> bool:
     """Wait for the in-process worker to drain (no-op for other runners)."""
     return _worker_instance.wait_idle(timeout) if _worker_instance is not None else True
+
+
+def finish_background_jobs(out=None) -> int:
+    """Run what the in-process worker still holds before this process exits; returns
+    how many jobs there were.
+
+    manage.py calls it after every command. The worker's thread is a daemon that dies
+    with the interpreter, and the embedded PostgreSQL stops when the last process using
+    it exits: without this, a command that stored images (ingest, import_dataset,
+    encoder activate) would leave their embedding and triage jobs half done, with
+    "terminating connection" errors in the log. A second Ctrl-C leaves them to
+    `embed --pending` and `triage --pending`.
+    """
+    worker = _worker_instance
+    pending = worker.pending if worker is not None else 0
+    if pending:
+        print(
+            f"finishing {pending} background job(s) (embedding, triage) before exit; "
+            "Ctrl-C leaves them to `embed --pending` and `triage --pending`",
+            file=out or sys.stderr,
+        )
+        worker.wait_idle()
+    return pending

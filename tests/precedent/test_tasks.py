@@ -48,6 +48,23 @@ def test_thread_worker_runs_jobs_after_commit_and_survives_failures(settings, ca
     assert "background job tests.explode({}) failed" in caplog.text
 
 
+@tasks.job("tests.slow")
+def slow(**kwargs) -> None:
+    threading.Event().wait(0.5)
+    record(**kwargs)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_commands_finish_queued_jobs_before_the_process_exits(settings, capsys):
+    settings.PRECEDENT_WORKER = "thread"
+    tasks.enqueue("tests.slow", n=4)
+    tasks.enqueue("tests.slow", n=5)
+    assert tasks.finish_background_jobs() >= 1
+    assert ran == [{"n": 4}, {"n": 5}]
+    assert "background job(s) (embedding, triage) before exit" in capsys.readouterr().err
+    assert tasks.finish_background_jobs() == 0
+
+
 @pytest.mark.django_db(transaction=True)
 def test_inline_runs_in_the_caller(settings):
     settings.PRECEDENT_WORKER = "inline"
