@@ -269,8 +269,8 @@ def test_load_demo_rejects_a_data_folder_without_datasets(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_load_demo_without_datasets_generates_the_synthetic_cohort(settings, tmp_path: Path) -> None:
-    """A checkout with no ../shared/datasets beside it still gets mammograms with truth, and
-    a demo encoder for similar-case search (about 40 s)."""
+    """A checkout with no ../shared/datasets beside it still gets mammograms with truth, a
+    demo encoder for similar-case search and a demo classifier for the worklist."""
     settings.REPO_ROOT = tmp_path / "elsewhere" / "repo"
     out = io.StringIO()
     call_command("load_demo", stdout=out)
@@ -288,3 +288,18 @@ def test_load_demo_without_datasets_generates_the_synthetic_cohort(settings, tmp
     assert encoder.status == "active" and encoder.metadata["cohort"] == "synthetic-screening"
     assert Embedding.objects.filter(encoder=encoder, kind="image").count() >= 100
     assert "demo-resnet18 serves similar-case search" in out.getvalue()
+    # ... and a quickly trained classifier, signed off on other patients, that sorts the worklist.
+    from triage.models import OperatingPoint, TriageModelVersion, TriageResult
+
+    classifier = TriageModelVersion.objects.get(name="demo-classifier")
+    assert classifier.status == "active" and classifier.kind == "classifier"
+    point = OperatingPoint.objects.get(model_versions=classifier)
+    assert point.signed_off_by.username == "demo"
+    assert point.validation_cohort.name == "synthetic-screening-triage-validation"
+    train = set(Cohort.objects.get(name="synthetic-screening-triage-train").studies.values_list("patient", flat=True))
+    assert train and train.isdisjoint(point.validation_cohort.studies.values_list("patient", flat=True))
+    categories = set(
+        TriageResult.objects.filter(study__cohorts=cohort, is_current=True).values_list("category", flat=True)
+    )
+    assert categories and "pending" not in categories and categories <= {"likely_negative", "routine", "suspicious"}
+    assert "demo-classifier triages the worklist" in out.getvalue()

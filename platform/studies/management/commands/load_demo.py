@@ -23,6 +23,7 @@ from tqdm import tqdm
 from studies import services
 from studies.datasets import FOLDER_DATASETS, SYNTHETIC_COHORT, DatasetError, synthetic
 from studies.datasets.importer import import_conversion
+from studies.models import Instance
 from studies.services import Outcome
 
 from .import_dataset import report
@@ -50,6 +51,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--no-encoder", action="store_true", help="do not train the quick demo encoder for similar-case search"
         )
+        parser.add_argument(
+            "--no-triage", action="store_true", help="do not train, calibrate and sign off the quick demo classifier"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         _require_migrated()
@@ -74,6 +78,8 @@ class Command(BaseCommand):
             report(self, import_conversion(synthetic.read(), cohort=SYNTHETIC_COHORT))
         if not options["no_encoder"]:
             self._demo_encoder()
+        if not options["no_triage"]:
+            self._demo_triage()
         self.stdout.write(self.style.SUCCESS(password_line))
 
     def _demo_encoder(self) -> None:
@@ -87,7 +93,6 @@ class Command(BaseCommand):
 
         from embeddings import services as embedding_services
         from embeddings.models import EncoderVersion
-        from studies.models import Instance
 
         if EncoderVersion.objects.exists():
             self.stdout.write("encoder versions exist: the demo encoder is not trained again")
@@ -108,6 +113,39 @@ class Command(BaseCommand):
             f"{DEMO_ENCODER} serves similar-case search (a quick demo; train a real one with train_encoder)"
         )
 
+    def _demo_triage(self) -> None:
+        """A quickly trained mammogram classifier, calibrated on other patients and signed
+        off as the demo admin, so the demo worklist sorts studies instead of leaving them
+        all pending. Two epochs on the mammography cohort (about a minute or two on two
+        cores): it shows the workflow and the calibration page, it is no screening model.
+        Left alone once any classifier version exists.
+        """
+        from django.core.management import call_command
+
+        from triage.models import TriageModelVersion
+
+        if TriageModelVersion.objects.filter(kind=TriageModelVersion.Kind.CLASSIFIER).exists():
+            self.stdout.write("a triage classifier exists: the demo classifier is not trained again")
+            return
+        for cohort in ("mias", SYNTHETIC_COHORT):
+            if Instance.objects.images().filter(series__study__cohorts__name=cohort).count() >= DEMO_TRIAGE_MIN_IMAGES:
+                break
+        else:
+            self.stdout.write("no mammography cohort large enough for a demo classifier: studies wait as pending")
+            return
+        train, validation = f"{cohort}-triage-train", f"{cohort}-triage-validation"
+        services.cohort_split(source=cohort, parts={train: 0.7, validation: 0.3}, seed=0)
+        call_command(
+            "train_triage", "--cohort", train, "--epochs", "2", "--name", DEMO_CLASSIFIER, "--activate",
+            stdout=self.stdout, verbosity=1,
+        )  # fmt: skip
+        call_command("calibrate_triage", "--cohort", validation, "--sign-off", DEMO_USERNAME, stdout=self.stdout)
+        call_command("triage", "--pending", stdout=self.stdout)
+        self.stdout.write(
+            f"{DEMO_CLASSIFIER} triages the worklist, signed off by {DEMO_USERNAME} on {validation} "
+            "(a quick demo; see the calibration page for what it is worth)"
+        )
+
     def _pydicom_test_files(self) -> None:
         """Every file pydicom ships for its own tests: a wide spread of transfer
         syntaxes and modalities, and deliberately broken files that show rejection."""
@@ -124,6 +162,8 @@ class Command(BaseCommand):
 
 DEMO_ENCODER = "demo-resnet18"
 DEMO_ENCODER_MIN_IMAGES = 32
+DEMO_CLASSIFIER = "demo-classifier"
+DEMO_TRIAGE_MIN_IMAGES = 32
 
 
 def _require_migrated() -> None:
