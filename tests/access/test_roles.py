@@ -141,11 +141,12 @@ def test_a_method_the_view_lacks_is_405_not_403(make_user, session_for, token_fo
 
 
 @pytest.mark.django_db
-def test_the_audit_link_is_in_the_nav_for_admins_only(make_user, session_for):
+def test_the_audit_and_calibration_links_are_in_the_nav_for_admins_only(make_user, session_for):
     admin = session_for(make_user("admin")).get("/")
     reader = session_for(make_user("radiologist")).get("/")
-    assert b'href="/audit/"' in admin.content
-    assert b'href="/audit/"' not in reader.content
+    for link in (b'href="/audit/"', b'href="/worklist/calibration/"'):
+        assert link in admin.content
+        assert link not in reader.content
 
 
 @pytest.mark.django_db
