@@ -35,7 +35,7 @@ def browser_page(monkeypatch) -> Iterator:
     if not CHROMIUM.exists():
         _unavailable(f"no Chromium at {CHROMIUM}")
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
     except ImportError:
         _unavailable("the playwright package is not installed")
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
@@ -44,6 +44,9 @@ def browser_page(monkeypatch) -> Iterator:
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.set_default_timeout(30_000)
+            # expect() waits 5 s by default: too short for an upload that is stored,
+            # embedded and triaged before it answers, on a machine busy with other work.
+            expect.set_options(timeout=30_000)
             yield page
         finally:
             browser.close()
