@@ -121,3 +121,18 @@ def test_evaluate_bad_input(datasets: Path, mammogram, ingest) -> None:
     bare.studies.add(ingest(mammogram()).series.study)
     with pytest.raises(CommandError, match="no labelled images"):
         run("--cohort", "bare")
+
+
+@pytest.mark.django_db
+def test_evaluate_reports_froc_and_dice_of_the_active_detector_and_segmenter(
+    datasets: Path, active_classifier, tmp_path: Path
+) -> None:
+    from tests.triage.test_localise import register_tiny_models
+
+    import_tiny_cohort(datasets)
+    register_tiny_models()
+    result = json.loads(run("--cohort", "tiny", "--json", "--out", str(tmp_path / "eval")))
+    assert set(result["froc"]) == {"0.5", "1", "2"}
+    assert all(0.0 <= value <= 1.0 for value in result["froc"].values())
+    assert 0.0 <= result["dice_mean"] <= 1.0
+    assert (tmp_path / "eval" / "froc.png").read_bytes()[:4] == b"\x89PNG"

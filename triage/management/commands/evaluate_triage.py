@@ -128,12 +128,11 @@ class Command(BaseCommand):
             kind__in=[TriageModelVersion.Kind.DETECTOR, TriageModelVersion.Kind.SEGMENTER],
             status=TriageModelVersion.Status.ACTIVE,
         ).exists()
-        evaluate = getattr(services, "evaluate_localisation", None)
-        if not active or evaluate is None:
+        if not active:
             return {"localisation": "no active detector or segmenter"}
         ids = [item.instance.pk for e in exams for item, _pa, _pm in e.images]
         out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="precedent-froc-"))
-        report = evaluate(instances=Instance.objects.filter(pk__in=ids), out_dir=out_dir)
+        report = services.evaluate_localisation(instances=Instance.objects.filter(pk__in=ids), out_dir=out_dir)
         return {"froc": report.get("froc"), "dice_mean": report.get("dice_mean"), "froc_png": report.get("froc_png")}
 
 
