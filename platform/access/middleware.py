@@ -29,6 +29,7 @@ error; the database trigger makes the rows that were written permanent.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -262,14 +263,54 @@ def _query_of(request: HttpRequest, response: HttpResponse) -> dict[str, Any]:
 
 
 def _ingested(response: HttpResponse, target_type: str, target: str) -> tuple[str, str, dict[str, Any]]:
-    """What an upload stored: counts and instance UIDs (REST), target the study when one."""
+    """What an upload stored: counts and instance UIDs (REST, or STOW-RS's Store
+    Instances Response), target the study when one."""
     data = _drf_data(response)
+    if response.get("Content-Type", "").startswith("application/dicom+json"):
+        return _stow_ingested(response, target_type, target)
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         return target_type, target, {}
     results = [item for item in data["results"] if isinstance(item, dict)]
     studies = {item["study_instance_uid"] for item in results if item.get("study_instance_uid")}
     details = {key: data[key] for key in ("stored", "duplicates", "rejected") if key in data}
     details["instances"] = [item["sop_instance_uid"] for item in results if item.get("sop_instance_uid")][:100]
+    if not target and len(studies) == 1:
+        target_type, target = "study", studies.pop()
+    return target_type, target, details
+
+
+def _stow_ingested(response: HttpResponse, target_type: str, target: str) -> tuple[str, str, dict[str, Any]]:
+    """STOW-RS answers in DICOM JSON: ReferencedSOPSequence (0008,1199) lists what was
+    stored, FailedSOPSequence (0008,1198) what was not; the study comes from the rows."""
+    from studies.models import Instance
+
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        return target_type, target, {}
+    if not isinstance(body, dict):
+        return target_type, target, {}
+
+    def items(tag: str) -> list[dict[str, Any]]:
+        value = body.get(tag, {}).get("Value", []) if isinstance(body.get(tag), dict) else []
+        return [item for item in value if isinstance(item, dict)]
+
+    stored = [
+        uid
+        for item in items("00081199")
+        for uid in (item.get("00081155", {}).get("Value") or [])[:1]
+        if isinstance(uid, str)
+    ]
+    details: dict[str, Any] = {
+        "stored": len(stored),
+        "rejected": len(items("00081198")),
+        "instances": stored[:100],
+    }
+    studies = set(
+        Instance.objects.filter(sop_instance_uid__in=stored[:100])
+        .values_list("series__study__study_instance_uid", flat=True)
+        .distinct()[:2]
+    )
     if not target and len(studies) == 1:
         target_type, target = "study", studies.pop()
     return target_type, target, details

@@ -14,8 +14,9 @@ from django.db import DatabaseError, connection, transaction
 
 from access.models import AppendOnlyError, AuditEvent
 from access.services import audit_record
+from studies.models import Instance
 
-from .conftest import PASSWORD
+from .conftest import PASSWORD, STOW_TYPE, stow_body
 
 
 @pytest.fixture
@@ -73,6 +74,20 @@ def test_an_upload_is_audited_with_what_it_stored(reader, token_for, make_dicom)
     stored = response.json()["results"][0]
     assert (event.target_type, event.target) == ("study", stored["study_instance_uid"])
     assert event.details["stored"] == 1 and event.details["instances"] == [stored["sop_instance_uid"]]
+
+
+@pytest.mark.django_db
+def test_a_stow_rs_store_is_audited_with_what_it_stored(make_user, token_for, make_dicom):
+    data = make_dicom()
+    response = token_for(make_user("integrator")).generic(
+        "POST", "/dicomweb/studies", stow_body(data), content_type=STOW_TYPE
+    )
+    assert response.status_code == 200
+    event = only(action="ingest")
+    stored = Instance.objects.get()
+    assert (event.via, event.target_type, event.target) == ("dicomweb", "study", stored.series.study.study_instance_uid)
+    assert event.details["stored"] == 1 and event.details["rejected"] == 0
+    assert event.details["instances"] == [stored.sop_instance_uid]
 
 
 @pytest.mark.django_db
