@@ -66,12 +66,26 @@ def test_train_triage_trains_registers_and_activates_a_classifier(datasets: Path
         (("--cohort", "nope"), "no cohort named 'nope'"),
         (("--cohort", "tiny", "--epochs", "0"), "--epochs must be at least 1"),
         (("--cohort", "tiny", "--model", "all", "--name", "x"), "--name names one model"),
+        (("--cohort", "tiny", "--crop", "128"), "--crop applies to the detector and segmenter only"),
+        (("--cohort", "tiny", "--model", "detector", "--max-minutes", "0"), "--max-minutes must be positive"),
+        (("--cohort", "tiny", "--model", "segmenter", "--init-from-encoder"), "applies to the classifier only"),
     ],
 )
 def test_train_triage_bad_input(datasets: Path, args: tuple[str, ...], message: str) -> None:
     Cohort.objects.create(name="tiny")
     with pytest.raises(CommandError, match=message):
         run("train_triage", *args)
+
+
+def test_train_triage_passes_size_crop_and_time_budget_to_the_detector(datasets: Path) -> None:
+    import_tiny_cohort(datasets)
+    output = run(
+        "train_triage", "--cohort", "tiny", "--model", "detector", "--epochs", "1", "--name", "tiny-det",
+        "--input-size", "160", "--batch-size", "2", "--crop", "96", "--max-minutes", "5",
+    )  # fmt: skip
+    settings = TriageModelVersion.objects.get(name="tiny-det").metadata["training"]["settings"]
+    assert (settings["input_size"], settings["batch_size"], settings["crop"]) == (160, 2, 96)
+    assert "detector tiny-det registered" in output
 
 
 def test_train_triage_on_a_cohort_without_labels_says_so() -> None:

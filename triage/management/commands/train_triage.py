@@ -44,8 +44,17 @@ class Command(BaseCommand):
             action="store_true",
             help="classifier only: start the backbone from the active search encoder (transfer learning)",
         )
-        parser.add_argument("--input-size", type=int, default=None, help="classifier only: long side in pixels")
-        parser.add_argument("--batch-size", type=int, default=None, help="classifier only")
+        parser.add_argument("--input-size", type=int, default=None, help="long side in pixels (default: each model's)")
+        parser.add_argument("--batch-size", type=int, default=None, help="default: each model's")
+        parser.add_argument(
+            "--crop", type=int, default=None, help="detector and segmenter: train on crop×crop windows of the film"
+        )
+        parser.add_argument(
+            "--max-minutes",
+            type=float,
+            default=None,
+            help="detector and segmenter: stop after this much training, the schedule shortened to fit",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         cohort = Cohort.objects.filter(name=options["cohort"]).first()
@@ -58,13 +67,24 @@ class Command(BaseCommand):
             raise CommandError("--name names one model; leave it out with --model all")
         if options["weights"] is not None and not options["weights"].is_file():
             raise CommandError(f"--weights {options['weights']} is not a file")
-        extra = {
-            key: options[key]
-            for key in ("weights", "init_from_encoder", "input_size", "batch_size")
-            if options[key] not in (None, False)
+        if options["max_minutes"] is not None and options["max_minutes"] <= 0:
+            raise CommandError("--max-minutes must be positive")
+        common = {key: options[key] for key in ("input_size", "batch_size") if options[key] is not None}
+        only = {
+            "classifier": {key: options[key] for key in ("weights", "init_from_encoder") if options[key]},
+            "localiser": {
+                key: value
+                for key, value in (
+                    ("crop", options["crop"]),
+                    ("max_seconds", None if options["max_minutes"] is None else options["max_minutes"] * 60),
+                )
+                if value is not None
+            },
         }
-        if extra and "classifier" not in kinds:
-            raise CommandError(f"--{next(iter(extra)).replace('_', '-')} applies to the classifier only")
+        for group, applies in (("classifier", {"classifier"}), ("localiser", {"detector", "segmenter"})):
+            if only[group] and not applies & set(kinds):
+                flag = {"max_seconds": "max_minutes"}.get(next(iter(only[group])), next(iter(only[group])))
+                raise CommandError(f"--{flag.replace('_', '-')} applies to the {' and '.join(sorted(applies))} only")
         for kind in kinds:
             trainer = getattr(services, TRAINERS[kind], None)
             if trainer is None:
@@ -78,7 +98,8 @@ class Command(BaseCommand):
                     name=options["name"],
                     activate=options["activate"],
                     progress=options["verbosity"] > 0,
-                    **(extra if kind == "classifier" else {}),
+                    **common,
+                    **only["classifier" if kind == "classifier" else "localiser"],
                 )
             except ValueError as exc:  # ModelFileError and bad cohorts are ValueErrors with one-line reasons
                 raise CommandError(f"{kind}: {exc}") from None
