@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,10 +37,10 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import nms
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-from tqdm import tqdm
 
 from embeddings.encoder import pick_device
 
+from .loop import fit
 from .weights import ModelMeta
 
 log = logging.getLogger(__name__)
@@ -392,72 +391,47 @@ def train(
     model = build(classes, **config).to(device).train()
     data = _prepared(samples, input_size)
     n_neg = min(len(negatives), round(negatives_per_positive * len(positives)))
-    per_epoch = len(positives) + n_neg
-    steps_per_epoch = math.ceil(per_epoch / batch_size)
-    total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+    steps_per_epoch = math.ceil((len(positives) + n_neg) / batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    warmup = max(1, min(steps_per_epoch, total // 10))
 
-    started = time.perf_counter()
-
-    def done_fraction(step: int) -> float:
-        by_steps = (step - warmup) / max(1, total - warmup)
-        by_time = (time.perf_counter() - started) / max_seconds if max_seconds else 0.0
-        return min(1.0, max(by_steps, by_time))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * done_fraction(step)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    out_of_time = False
-    losses: list[float] = []
-    step = 0
-    bar = tqdm(total=total, desc=f"train {arch}", unit="step", disable=not progress)
-    for epoch in range(1, epochs + 1):
-        order = positives + rng.sample(negatives, n_neg)
+    def epoch_batches():
+        order = positives + rng.sample(negatives, n_neg)  # fresh negatives every epoch
         rng.shuffle(order)
-        epoch_sum, epoch_n = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            out_of_time = max_seconds is not None and time.perf_counter() - started >= max_seconds
-            if step >= total or out_of_time:
-                break
-            images, targets = [], []
-            for index in order[start : start + batch_size]:
-                tensor, boxes, labels = data[index]
-                if augment:
-                    tensor, boxes = _augment(tensor, boxes, rng)
-                if crop:
-                    tensor, boxes, labels = _crop(tensor, boxes, labels, crop, rng)
-                images.append(tensor.to(device))
-                targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
-            with autocast(device):
-                parts = model(images, targets)
-                loss = sum(parts.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            optimizer.step()
-            scheduler.step()
-            value = float(loss.detach())
-            epoch_sum, epoch_n, step = epoch_sum + value, epoch_n + 1, step + 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{value:.3f}")
-        if epoch_n:
-            losses.append(epoch_sum / epoch_n)
-            log.info("detector epoch %d/%d: loss %.4f", epoch, epochs, losses[-1])
-        if step >= total or out_of_time:
-            break
-    bar.close()
-    seconds = time.perf_counter() - started
+        return (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+
+    def batch_loss(batch: list[int]) -> torch.Tensor:
+        images, targets = [], []
+        for index in batch:
+            tensor, boxes, labels = data[index]
+            if augment:
+                tensor, boxes = _augment(tensor, boxes, rng)
+            if crop:
+                tensor, boxes, labels = _crop(tensor, boxes, labels, crop, rng)
+            images.append(tensor.to(device))
+            targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+        with autocast(device):
+            return sum(model(images, targets).values())
+
+    run = fit(
+        batch_loss,
+        optimizer=optimizer,
+        epoch_batches=epoch_batches,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps,
+        max_seconds=max_seconds,
+        warmup=True,
+        clip_grad_norm=10.0,
+        name=arch,
+        progress=progress,
+    )
     settings = {
         **config,
         "epochs": epochs,
-        "epochs_run": len(losses),
+        "epochs_run": len(run.losses),
         "crop": crop,
         "max_seconds": max_seconds,
-        "stopped_by_clock": out_of_time,
+        "stopped_by_clock": run.stopped_by_clock,
         "batch_size": batch_size,
         "lr": lr,
         "negatives_per_positive": negatives_per_positive,
@@ -466,8 +440,7 @@ def train(
         "boxes": sum(len(s.boxes) for s in samples),
         "seed": seed,
     }
-    model = model.cpu().eval()
-    return model, TrainReport(losses, seconds, step, str(device), settings)
+    return model.cpu().eval(), TrainReport(run.losses, run.seconds, run.steps, str(device), settings)
 
 
 def model_config(report: TrainReport) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .detection import autocast, pick_device, to_grey, window
+from .loop import fit
 from .weights import ModelMeta
 
 log = logging.getLogger(__name__)
@@ -338,7 +337,7 @@ def train(
     pixels; whole films teach mostly "breast" and "background"); the U-Net is fully
     convolutional, so `predict` still runs on the whole input_size image.
     `max_seconds` caps the wall time, the cosine schedule following whichever of steps
-    or seconds is further along (as detection.train). Returns the model (CPU, eval
+    or seconds is further along (see loop.fit). Returns the model (CPU, eval
     mode) and a report."""
     if not samples:
         raise ValueError("no training images")
@@ -357,68 +356,52 @@ def train(
     model = build(labels, widths=widths).to(device).train()
     lesion_channel = list(labels).index("lesion") if "lesion" in labels else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(samples) / batch_size)
-    total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-    started = time.perf_counter()
 
-    def schedule(step: int) -> float:
-        by_time = (time.perf_counter() - started) / max_seconds if max_seconds else 0.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, max(step / max(1, total), by_time))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    out_of_time = False
-    losses: list[float] = []
-    step = 0
-    bar = tqdm(total=total, desc="train unet", unit="step", disable=not progress)
-    for epoch in range(1, epochs + 1):
+    def epoch_batches():
         order = list(range(len(samples)))
         rng.shuffle(order)
-        epoch_sum, epoch_n = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            out_of_time = max_seconds is not None and time.perf_counter() - started >= max_seconds
-            if step >= total or out_of_time:
-                break
-            index = torch.tensor(order[start : start + batch_size])
-            x, y, k = images[index].clone(), targets[index].clone(), known[index]
-            if crop and crop < input_size:
-                x, y = _crops(x, y, lesion_channel, crop, rng)
-            if rng.random() < 0.5:
-                x, y = x.flip(-1), y.flip(-1)
-            gamma = math.exp(rng.uniform(-0.25, 0.25))
-            x = ((x * 0.25 + 0.5).clamp(0, 1).pow(gamma) - 0.5) / 0.25
-            x, y, k = x.to(device), y.to(device), k.to(device)
-            with autocast(device):
-                logits = model(x)
-            loss = dice_bce_loss(logits.float(), y, k)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            value = float(loss.detach())
-            epoch_sum, epoch_n, step = epoch_sum + value, epoch_n + 1, step + 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{value:.3f}")
-        if epoch_n:
-            losses.append(epoch_sum / epoch_n)
-            log.info("segmenter epoch %d/%d: loss %.4f", epoch, epochs, losses[-1])
-        if step >= total or out_of_time:
-            break
-    bar.close()
+        return (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+
+    def batch_loss(batch: list[int]) -> torch.Tensor:
+        index = torch.tensor(batch)
+        x, y, k = images[index].clone(), targets[index].clone(), known[index]
+        if crop and crop < input_size:
+            x, y = _crops(x, y, lesion_channel, crop, rng)
+        if rng.random() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        gamma = math.exp(rng.uniform(-0.25, 0.25))
+        x = ((x * 0.25 + 0.5).clamp(0, 1).pow(gamma) - 0.5) / 0.25
+        x, y, k = x.to(device), y.to(device), k.to(device)
+        with autocast(device):
+            logits = model(x)
+        return dice_bce_loss(logits.float(), y, k)
+
+    run = fit(
+        batch_loss,
+        optimizer=optimizer,
+        epoch_batches=epoch_batches,
+        epochs=epochs,
+        steps_per_epoch=math.ceil(len(samples) / batch_size),
+        max_steps=max_steps,
+        max_seconds=max_seconds,
+        name="unet",
+        progress=progress,
+    )
     settings = {
         "input_size": input_size,
         "widths": list(widths),
         "epochs": epochs,
-        "epochs_run": len(losses),
+        "epochs_run": len(run.losses),
         "crop": crop,
         "max_seconds": max_seconds,
-        "stopped_by_clock": out_of_time,
+        "stopped_by_clock": run.stopped_by_clock,
         "batch_size": batch_size,
         "lr": lr,
         "images": len(samples),
         "labelled": {label: int(known[:, j].sum()) for j, label in enumerate(labels)},
         "seed": seed,
     }
-    return model.cpu().eval(), TrainReport(losses, time.perf_counter() - started, step, str(device), settings)
+    return model.cpu().eval(), TrainReport(run.losses, run.seconds, run.steps, str(device), settings)
 
 
 def _crops(
