@@ -271,7 +271,7 @@ class EmbedReport:
     failed: dict[int, str] = field(default_factory=dict)  # instance id → reason
 
 
-@job("embeddings.embed_instances")
+@job("embeddings.embed_instances", merge="instance_ids")
 def embed_instances(*, instance_ids: list[int]) -> list[EmbedReport]:
     """Embed these instances (whole image and finding boxes) with every encoder that
     embeds new images. Idempotent: what is embedded already is skipped."""
@@ -282,7 +282,7 @@ def embed_instances(*, instance_ids: list[int]) -> list[EmbedReport]:
     return reports
 
 
-@job("embeddings.embed_findings")
+@job("embeddings.embed_findings", merge="finding_ids")
 def embed_findings(*, finding_ids: list[int]) -> None:
     """Region embeddings for new or moved finding boxes."""
     for encoder in embedding_encoders():

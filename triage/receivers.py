@@ -7,15 +7,14 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
 from precedent.tasks import enqueue
-from studies.models import Finding, Instance, Series
+from studies.models import Finding, Instance
 from studies.signals import instance_stored
 
 
 @receiver(instance_stored, sender=Instance)
 def triage_on_arrival(sender, instance: Instance, **kwargs) -> None:
-    study_id = Series.objects.filter(pk=instance.series_id).values_list("study_id", flat=True).first()
-    if study_id is not None:
-        enqueue("triage.triage_study", study_id=study_id)
+    # By series, so that storing an image costs no query here; see triage_series.
+    enqueue("triage.triage_series", series_id=instance.series_id)
 
 
 @receiver(post_save, sender=Finding)

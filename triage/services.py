@@ -37,7 +37,7 @@ from django.utils import timezone
 
 from precedent.tasks import enqueue, job
 from studies.errors import RenderError
-from studies.models import Cohort, Finding, Instance, Study
+from studies.models import Cohort, Finding, Instance, Series, Study
 from studies.services import dicom_store
 
 from . import quality
@@ -661,6 +661,14 @@ def retriage_pending() -> Counter[str]:
 
 
 # --- the job ------------------------------------------------------------------------------
+
+
+@job("triage.triage_series", settle=lambda: settings.PRECEDENT_TRIAGE_SETTLE_SECONDS)
+def triage_series(*, series_id: int) -> TriageResult | None:
+    """Triage the study of a series: what arriving images ask for (the ingest knows
+    their series). The worker runs it once the series has settled, not per image."""
+    study_id = Series.objects.filter(pk=series_id).values_list("study_id", flat=True).first()
+    return triage_study(study_id=study_id) if study_id is not None else None
 
 
 @job("triage.triage_study")

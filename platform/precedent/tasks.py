@@ -12,15 +12,25 @@ runs it later, after the current transaction commits, on:
 
 Jobs must be idempotent (a job can run twice after a crash or a retry) and take only
 JSON-serialisable keyword arguments, so that all three runners behave alike.
+
+The in-process worker coalesces what waits in its queue: a job equal to one already
+waiting (same name, same arguments) is not queued again, and a job registered with
+`merge="ids"` joins its ids to a waiting job of the same name whose other arguments
+match. A job registered with `settle` also waits for a quiet spell (no equal job
+queued for that many seconds). An ingest of a 200-image series therefore costs one
+triage run and a few embedding batches, not 200 of each. A job that has started is
+never joined: work that arrives while it runs gets a run of its own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -29,13 +39,31 @@ from django.db import close_old_connections, connection, transaction
 log = logging.getLogger(__name__)
 
 _JOBS: dict[str, Callable[..., Any]] = {}
+_MERGE: dict[str, str] = {}  # job name → the list argument that waiting jobs merge
+_SETTLE: dict[str, Callable[[], float]] = {}  # job name → seconds to wait for quiet
+MERGE_LIMIT = 256  # most ids one merged job carries (one embedding batch pass)
+SETTLE_CAP_FACTOR = 10  # a job that keeps being re-submitted still starts this many settle times in
 
 
-def job(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a service function as a background job under `name`."""
+def job(
+    name: str, *, merge: str | None = None, settle: Callable[[], float] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a service function as a background job under `name`.
+
+    `merge` names a list argument (e.g. "instance_ids"): waiting jobs of this name whose
+    other arguments are equal are run once with their lists joined. `settle` returns
+    seconds (read when a job is queued, so a setting can supply it): the job waits until
+    no equal job has been queued for that long, e.g. until a study stops receiving
+    images. Celery runs such a job after that many seconds (a countdown).
+    """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         _JOBS[name] = fn
+        for table, value in ((_MERGE, merge), (_SETTLE, settle)):
+            if value:
+                table[name] = value
+            else:
+                table.pop(name, None)
         return fn
 
     return register
@@ -64,52 +92,119 @@ def _dispatch(name: str, kwargs: dict[str, Any]) -> None:
     elif mode == "celery":
         from precedent.celery import app
 
-        app.send_task("precedent.run_job", args=[name, kwargs])
+        app.send_task("precedent.run_job", args=[name, kwargs], countdown=settle_seconds(name) or None)
     else:
         _worker().submit(name, kwargs)
 
 
+@dataclass
+class _Waiting:
+    """A job in the in-process queue, not started yet (so others may join it)."""
+
+    name: str
+    kwargs: dict[str, Any]
+    key: str
+    due: float  # time.monotonic() at which it may start
+    latest: float  # settling never pushes `due` past this
+
+
+def _coalesce_key(name: str, kwargs: dict[str, Any]) -> str:
+    """Jobs with equal keys are one job while they wait (the merged list left out)."""
+    merged = _MERGE.get(name)
+    rest = {k: v for k, v in kwargs.items() if k != merged}
+    return name + json.dumps(rest, sort_keys=True, default=str)
+
+
+def settle_seconds(name: str) -> float:
+    settle = _SETTLE.get(name)
+    return float(settle()) if settle is not None else 0.0
+
+
 class InProcessWorker:
-    """One daemon thread that runs jobs in arrival order."""
+    """One daemon thread that runs jobs in arrival order, coalescing what waits.
+
+    A job registered with `settle` starts only once no equal job has been submitted
+    for that many seconds (at most SETTLE_CAP_FACTOR times that after the first), as a
+    PACS waits for a study to be stable before routing it.
+    """
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self._queue: dict[int, _Waiting] = {}  # every job not started, in submission order
+        self._open: dict[str, _Waiting] = {}  # those that equal jobs may still join, by key
+        self._serial = 0
         self._pending = 0
-        self._done = threading.Condition()
+        self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="precedent-worker", daemon=True)
         self._thread.start()
 
     def submit(self, name: str, kwargs: dict[str, Any]) -> None:
-        with self._done:
+        key = _coalesce_key(name, kwargs)
+        merged = _MERGE.get(name)
+        settle = settle_seconds(name)
+        now = time.monotonic()
+        with self._cond:
+            waiting = self._open.get(key)
+            if waiting is not None:
+                if merged is not None:
+                    ids = waiting.kwargs[merged]
+                    ids.extend(i for i in kwargs[merged] if i not in ids)
+                    if len(ids) >= MERGE_LIMIT:
+                        del self._open[key]  # full: it runs as it is, the next one starts another
+                waiting.due = min(now + settle, waiting.latest)
+                self._cond.notify_all()
+                return
+            kwargs = {k: list(v) if k == merged else v for k, v in kwargs.items()}
+            waiting = _Waiting(name, kwargs, key, now + settle, now + settle * SETTLE_CAP_FACTOR)
+            self._serial += 1
+            self._queue[self._serial] = self._open[key] = waiting
             self._pending += 1
-        self._queue.put((name, kwargs))
+            self._cond.notify_all()
 
     @property
     def pending(self) -> int:
-        with self._done:
+        with self._cond:
             return self._pending
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every submitted job has run (for tests and commands)."""
-        with self._done:
-            return self._done.wait_for(lambda: self._pending == 0, timeout)
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def _next(self) -> _Waiting:
+        """The first job in submission order that is due, waiting until there is one."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for serial, waiting in self._queue.items():
+                    if waiting.due <= now:
+                        # From here on the job is running: what arrives now queues anew.
+                        del self._queue[serial]
+                        if self._open.get(waiting.key) is waiting:
+                            del self._open[waiting.key]
+                        return waiting
+                soonest = min((w.due for w in self._queue.values()), default=None)
+                self._cond.wait(None if soonest is None else soonest - now)
 
     def _run(self) -> None:
         while True:
-            name, kwargs = self._queue.get()
+            waiting = self._next()
             close_old_connections()
             try:
-                run_job(name, kwargs)
+                run_job(waiting.name, waiting.kwargs)
             except Exception:
                 # A failed job must not stop the worker; it is logged, and the job's
                 # own state (e.g. an instance still without embedding) lets a later
                 # `--pending` run pick it up again.
-                log.exception("background job %s(%s) failed", name, kwargs)
+                log.exception("background job %s(%s) failed", waiting.name, waiting.kwargs)
             finally:
-                connection.close()
-                with self._done:
+                with self._cond:
                     self._pending -= 1
-                    self._done.notify_all()
+                    idle = not self._queue
+                    self._cond.notify_all()
+                # Keep the connection while jobs queue up (a new PostgreSQL backend per
+                # job costs more than most jobs); give it back when nothing waits.
+                if idle:
+                    connection.close()
 
 
 _worker_lock = threading.Lock()

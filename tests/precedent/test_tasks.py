@@ -93,3 +93,85 @@ def test_celery_sends_the_job_to_the_broker(settings):
     app.tasks["precedent.run_job"]("tests.record", {"n": 4})
     assert ran == [{"n": 4}]
     client.flushdb()
+
+
+# --- coalescing in the in-process worker ----------------------------------------------
+
+gate = threading.Event()
+
+
+@tasks.job("tests.gate")
+def wait_at_gate() -> None:
+    """Holds the worker so that what is submitted meanwhile waits in its queue."""
+    assert gate.wait(30)
+
+
+@tasks.job("tests.batch", merge="ids")
+def batch(*, ids: list[int], kind: str = "a") -> None:
+    record(ids=list(ids), kind=kind)
+
+
+@tasks.job("tests.settle", settle=lambda: 0.4)
+def settled(**kwargs) -> None:
+    import time
+
+    record(at=time.monotonic(), **kwargs)
+
+
+@pytest.fixture
+def worker():
+    gate.clear()
+    w = tasks.InProcessWorker()
+    yield w
+    gate.set()
+    assert w.wait_idle(timeout=30)
+
+
+def test_equal_waiting_jobs_run_once_and_lists_merge(worker):
+    worker.submit("tests.gate", {})
+    for n in (1, 1, 2, 1):
+        worker.submit("tests.record", {"n": n})
+    worker.submit("tests.batch", {"ids": [1, 2]})
+    worker.submit("tests.batch", {"ids": [2, 3], "kind": "b"})  # other arguments: its own job
+    worker.submit("tests.batch", {"ids": [3, 4]})
+    assert worker.pending == 1 + 2 + 2
+    gate.set()
+    assert worker.wait_idle(timeout=30)
+    assert ran == [{"n": 1}, {"n": 2}, {"ids": [1, 2, 3, 4], "kind": "a"}, {"ids": [2, 3], "kind": "b"}]
+
+
+def test_a_running_job_is_not_joined(worker):
+    worker.submit("tests.gate", {})
+    worker.submit("tests.record", {"n": 1})
+    gate.set()
+    assert worker.wait_idle(timeout=30)
+    gate.clear()
+    worker.submit("tests.gate", {})  # started already: this one is a new run
+    worker.submit("tests.gate", {})  # waits behind it, joins the waiting one
+    worker.submit("tests.record", {"n": 1})
+    gate.set()
+    assert worker.wait_idle(timeout=30)
+    assert ran == [{"n": 1}, {"n": 1}]
+
+
+def test_merged_lists_stop_at_the_limit(worker, monkeypatch):
+    monkeypatch.setattr(tasks, "MERGE_LIMIT", 3)
+    worker.submit("tests.gate", {})
+    for i in range(5):
+        worker.submit("tests.batch", {"ids": [i]})
+    gate.set()
+    assert worker.wait_idle(timeout=30)
+    assert [r["ids"] for r in ran] == [[0, 1, 2], [3, 4]]
+
+
+def test_a_settling_job_waits_for_quiet(worker):
+    import time
+
+    start = time.monotonic()
+    gate.set()
+    for _ in range(4):  # re-submitted every 0.2 s: each pushes the start 0.4 s on
+        worker.submit("tests.settle", {"study": 7})
+        time.sleep(0.2)
+    assert worker.wait_idle(timeout=30)
+    assert len(ran) == 1
+    assert ran[0]["at"] - start >= 0.6 + 0.4 - 0.05

@@ -180,6 +180,10 @@ PRECEDENT_URGENT_FINDINGS = env_list(
 PRECEDENT_TRIAGE_TASKS = env_list("PRECEDENT_TRIAGE_TASKS", ["mammography", "chest"])
 PRECEDENT_TRIAGE_QA_FRACTION = env_float("PRECEDENT_TRIAGE_QA_FRACTION", 0.05, minimum=0)
 PRECEDENT_TRIAGE_QA_SEED = env_str("PRECEDENT_TRIAGE_QA_SEED", "precedent-qa")
+# Arriving images are triaged once their series has had no new image for this many
+# seconds (at most ten times that after the first), so a study is scored once it is
+# complete, not once per image. 0 triages after every stored image.
+PRECEDENT_TRIAGE_SETTLE_SECONDS = env_float("PRECEDENT_TRIAGE_SETTLE_SECONDS", 2.0, minimum=0)
 # Scores: P(malignant) of an exam at or above which the classifier calls it suspicious,
 # and the detector scores at or above which a box of an urgent class makes a study
 # urgent, or any box makes it at least suspicious. All probabilities in 0..1.
@@ -208,7 +212,8 @@ PRECEDENT_DICOM_REQUIRE_CALLED_AE_TITLE = env_bool("PRECEDENT_DICOM_REQUIRE_CALL
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        # DRF's TokenAuthentication, loading the user's roles and the token's scopes too.
+        "access.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     # Roles and token scopes from access/policy.py (401 without credentials, as before).
