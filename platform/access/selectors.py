@@ -6,6 +6,7 @@ import datetime as dt
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import QuerySet
+from rest_framework.authtoken.models import Token
 
 from . import policy
 from .models import AuditEvent, TokenScope
@@ -18,12 +19,19 @@ def user_roles(*, user: AbstractBaseUser | AnonymousUser | None) -> list[str]:
         return []
     cached = user.__dict__.get("_access_roles")
     if cached is None:
-        names = set(user.groups.filter(name__in=list(policy.ROLES)).values_list("name", flat=True))
-        if user.is_superuser:
-            names.add(policy.ADMIN_ROLE)
-        cached = sorted(names)
-        user.__dict__["_access_roles"] = cached
+        cached = remember_roles(user, user.groups.filter(name__in=list(policy.ROLES)).values_list("name", flat=True))
     return list(cached)
+
+
+def remember_roles(user: AbstractBaseUser, group_names) -> list[str]:
+    """Cache the user's roles (from their role group names) on the user object for the
+    request; what user_roles answers from then on."""
+    names = set(group_names or ())
+    if user.is_superuser:
+        names.add(policy.ADMIN_ROLE)
+    roles = sorted(names)
+    user.__dict__["_access_roles"] = roles
+    return roles
 
 
 def user_permissions(*, user: AbstractBaseUser | AnonymousUser | None) -> frozenset[str]:
@@ -41,6 +49,11 @@ def token_scopes(*, token: object) -> frozenset[str] | None:
     key = getattr(token, "key", None)
     if key is None:
         return None
+    if isinstance(token, Token):  # the scope row came with the token (access.authentication)
+        try:
+            return frozenset(token.scope.scopes)
+        except TokenScope.DoesNotExist:
+            return None
     scopes = TokenScope.objects.filter(token_id=key).values_list("scopes", flat=True).first()
     return None if scopes is None else frozenset(scopes)
 

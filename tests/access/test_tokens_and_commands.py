@@ -144,3 +144,31 @@ def test_demo_role_users_get_one_role_each_and_keep_their_password():
         person = get_user_model().objects.get(username=name)
         assert user_roles(user=person) == [name.removeprefix("demo-")]
         assert person.check_password("first-demo-password")
+
+
+@pytest.mark.django_db
+def test_token_authentication_loads_roles_and_scopes_in_one_query(make_user, django_assert_num_queries):
+    from rest_framework.exceptions import AuthenticationFailed
+
+    from access.authentication import TokenAuthentication
+    from access.selectors import token_scopes
+    from access.services import api_token_create
+
+    scoped = api_token_create(user=make_user("integrator", "radiologist", username="pacs"), scopes=["read", "ingest"])
+    plain = api_token_create(user=make_user(username="root", is_superuser=True))
+    auth = TokenAuthentication()
+    with django_assert_num_queries(1):
+        user, token = auth.authenticate_credentials(scoped.key)
+        assert (user.username, user_roles(user=user), token_scopes(token=token)) == (
+            "pacs",
+            ["integrator", "radiologist"],
+            frozenset({"read", "ingest"}),
+        )
+    with django_assert_num_queries(1):
+        user, token = auth.authenticate_credentials(plain.key)
+        assert (user_roles(user=user), token_scopes(token=token)) == (["admin"], None)
+    user.is_active = False
+    user.save()
+    for key, reason in ((plain.key, "User inactive or deleted."), ("0" * 40, "Invalid token.")):
+        with pytest.raises(AuthenticationFailed, match=reason):
+            auth.authenticate_credentials(key)
