@@ -273,6 +273,7 @@ class Figures:
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     first_error: str = ""
+    round_rates: list[float] = field(default_factory=list)  # instances/s of every round, when there were several
 
     @property
     def instances_per_s(self) -> float:
@@ -304,7 +305,23 @@ class Figures:
             "p50_ms": round(self.p50_ms, 2),
             "p99_ms": round(self.p99_ms, 2),
             "first_error": self.first_error,
+            "round_instances_per_s": [round(r, 2) for r in self.round_rates],
         }
+
+
+def median_round(rounds: Sequence[Figures]) -> Figures:
+    """The round with the median rate (the lower middle one of an even count), with
+    every round's rate attached: on a shared machine one set can land in a busy spell,
+    and interleaved rounds with the median kept report what the path does, not the
+    neighbours. A round with errors is kept in preference, so errors are never hidden."""
+    failed = [f for f in rounds if f.errors]
+    if failed:
+        chosen = failed[0]
+    else:
+        ordered = sorted(rounds, key=lambda f: f.instances_per_s)
+        chosen = ordered[(len(ordered) - 1) // 2]
+    chosen.round_rates = [f.instances_per_s for f in rounds]
+    return chosen
 
 
 class Worker(Protocol):
@@ -624,6 +641,7 @@ _COLUMNS = (
     ("MB/s", "{:.1f}"),
     ("p50 ms", "{:.1f}"),
     ("p99 ms", "{:.1f}"),
+    ("rounds, instances/s", "{}"),
 )
 
 
@@ -645,6 +663,7 @@ def format_table(rows: Sequence[Figures]) -> str:
                     f.mb_per_s,
                     f.p50_ms,
                     f.p99_ms,
+                    " / ".join(f"{rate:.0f}" for rate in f.round_rates),
                 ),
                 strict=True,
             )
@@ -652,7 +671,7 @@ def format_table(rows: Sequence[Figures]) -> str:
         for f in rows
     ]
     widths = [max([len(name)] + [len(row[i]) for row in cells]) for i, (name, _) in enumerate(_COLUMNS)]
-    text = {0, 1}
+    text = {0, 1, len(_COLUMNS) - 1}
 
     def line(values: Sequence[str]) -> str:
         padded = [v.ljust(w) if i in text else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))]

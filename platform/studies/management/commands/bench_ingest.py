@@ -97,6 +97,12 @@ class Command(BaseCommand):
             default=3,
             help="untimed instances per client before each measured set (imports, connections)",
         )
+        parser.add_argument(
+            "--rounds",
+            type=int,
+            default=3,
+            help="interleaved rounds per configuration, each with fresh instances; the median round is reported",
+        )
         parser.add_argument("--no-service", action="store_true", help="skip the in-process service path")
         parser.add_argument("--no-rest", action="store_true", help="skip the REST path (no gunicorn)")
         parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc reference")
@@ -128,8 +134,12 @@ class Command(BaseCommand):
             counts = _cleanup(patient_prefix=bench.BENCH_PATIENT_PREFIX, user_prefix=BENCH_USER_PREFIX)
             self.stdout.write(f"purged {_describe(counts)}")
             return
-        if any(c < 1 for c in options["clients"]) or (options["n"] is not None and options["n"] < 1):
-            raise CommandError("--n and --clients must be at least 1")
+        if (
+            any(c < 1 for c in options["clients"])
+            or (options["n"] is not None and options["n"] < 1)
+            or options["rounds"] < 1
+        ):
+            raise CommandError("--n, --clients and --rounds must be at least 1")
 
         self.verbosity: int = options["verbosity"]
         kinds = [bench.KINDS[name] for name in dict.fromkeys(options["kinds"])]
@@ -213,13 +223,9 @@ class Command(BaseCommand):
     def _run_kind(
         self, kind: ImageKind, servers: _Servers, options: dict[str, Any], clients: list[int], tag: str
     ) -> list[Figures]:
-        """The service path, then per client count one fresh set to our REST API and to Orthanc."""
+        """Per round: the service path, then per client count one fresh set to our REST
+        API and to Orthanc; the median round of each configuration is kept."""
         n = options["n"] or kind.default_n
-        rows: list[Figures] = []
-        if not options["no_service"]:
-            rows.append(self._run_service(kind, n, tag=tag, warmup=options["warmup"]))
-            if options["profile"]:
-                self._profile_service(kind, n, tag=tag, folder=options["profile"])
         targets: list[tuple[str, int, bench.HttpUpload]] = []
         if servers.rest_port is not None:
             for body in options["rest_body"]:
@@ -227,31 +233,40 @@ class Command(BaseCommand):
                 targets.append(("rest" if body == "raw" else "rest-multipart", servers.rest_port, upload))
         if servers.orthanc_port is not None:
             targets.append(("orthanc", servers.orthanc_port, bench.orthanc_upload()))
-        if not targets:
-            return rows
-        for i, c in enumerate(clients):
-            warm = bench.make_instances(kind, options["warmup"] * servers.warm_clients, tag=tag, label=f"c{c}w")
-            files = bench.make_instances(kind, n, tag=tag, label=f"c{c}")
-            # Alternate who goes first, so that drift in the machine's load hits both alike.
-            # Our store would answer "duplicate" to a set it already took by the other body.
-            own = {
-                "rest-multipart": (
-                    bench.make_instances(kind, len(warm), tag=tag, label=f"c{c}wm"),
-                    bench.make_instances(kind, n, tag=tag, label=f"c{c}m"),
-                )
-            }
-            for path, port, upload in reversed(targets) if i % 2 else targets:
-                w, f = own.get(path, (warm, files))
-                rows.append(
-                    self._run_http(kind, path, port, upload, w, f, clients=c, warm_clients=servers.warm_clients)
-                )
-        return rows
+        rounds: dict[tuple[str, int], list[Figures]] = {}
+        for r in range(options["rounds"]):
+            label = f"r{r}"
+            if not options["no_service"]:
+                figures = self._run_service(kind, n, tag=tag, warmup=options["warmup"], label=label)
+                rounds.setdefault(("service", 1), []).append(figures)
+            for i, c in enumerate(clients):
+                # Fresh instances per target: our store would answer "duplicate" to a set
+                # it already took by the other body.
+                sets = {
+                    path: (
+                        bench.make_instances(
+                            kind, options["warmup"] * servers.warm_clients, tag=tag, label=f"{label}{path}c{c}w"
+                        ),
+                        bench.make_instances(kind, n, tag=tag, label=f"{label}{path}c{c}"),
+                    )
+                    for path, _, _ in targets
+                }
+                # Alternate who goes first, so that drift in the machine's load hits all alike.
+                for path, port, upload in reversed(targets) if (i + r) % 2 else targets:
+                    warm, files = sets[path]
+                    figures = self._run_http(
+                        kind, path, port, upload, warm, files, clients=c, warm_clients=servers.warm_clients
+                    )
+                    rounds.setdefault((path, c), []).append(figures)
+        if not options["no_service"] and options["profile"]:
+            self._profile_service(kind, n, tag=tag, folder=options["profile"])
+        return [bench.median_round(figures) for figures in rounds.values()]
 
     # --- the three paths ---------------------------------------------------------------
 
-    def _run_service(self, kind: ImageKind, n: int, *, tag: str, warmup: int) -> Figures:
-        warm = bench.make_instances(kind, warmup, tag=tag, label="sw")
-        files = bench.make_instances(kind, n, tag=tag, label="s")
+    def _run_service(self, kind: ImageKind, n: int, *, tag: str, warmup: int, label: str = "") -> Figures:
+        warm = bench.make_instances(kind, warmup, tag=tag, label=f"{label}sw")
+        files = bench.make_instances(kind, n, tag=tag, label=f"{label}s")
         bench.run_timed(warm, _ServiceWorker, clients=1, figures=Figures(kind.name, "warmup", 1))
         with self._progress(kind, "service", 1, len(files)) as progress:
             return bench.run_timed(
