@@ -1,9 +1,10 @@
 """Content-addressed file store for DICOM files (no Django).
 
 A file is first spooled to a temporary file under the store while its SHA-256 is
-computed, then validated, then moved to `dicom/<aa>/<bb>/<sha256>.dcm` with an atomic
-rename. The same bytes always land on the same path, so storing twice is harmless and a
-half-written file never appears under its final name.
+computed (and synced to disk in the background), then validated, then moved to
+`dicom/<aa>/<bb>/<sha256>.dcm` with an atomic rename once the sync is done. The same
+bytes always land on the same path, so storing twice is harmless and a half-written
+file never appears under its final name.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import gzip
 import hashlib
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +24,18 @@ CHUNK = 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 # The File Meta of a Part 10 file ends within this many bytes (it is a few hundred).
 META_WINDOW = 64 * 1024
+
+# fsync releases the GIL: a spooled file is synced on this pool while the caller parses
+# and validates it, and `commit` waits for the sync before the file gets its name.
+_SYNC_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="precedent-fsync")
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -37,6 +51,12 @@ class Spooled:
     sha256: str
     size: int
     dataset_sha256: str
+    synced: Future | None = None  # the fsync under way, when the store syncs
+
+    def wait_synced(self) -> None:
+        """Block until the file's bytes are on disk (re-raises the fsync's error)."""
+        if self.synced is not None:
+            self.synced.result()
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -126,13 +146,16 @@ class DicomStore:
                         break
                 if head is not None:
                     dataset_digest.update(head[dataset_offset(head) :])
-                if self.fsync:
-                    out.flush()
-                    os.fsync(out.fileno())
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
-        return Spooled(path=Path(name), sha256=digest.hexdigest(), size=size, dataset_sha256=dataset_digest.hexdigest())
+        return Spooled(
+            path=Path(name),
+            sha256=digest.hexdigest(),
+            size=size,
+            dataset_sha256=dataset_digest.hexdigest(),
+            synced=_SYNC_POOL.submit(_fsync_path, name) if self.fsync else None,
+        )
 
     @staticmethod
     def relative_path(sha256: str) -> str:
@@ -153,6 +176,7 @@ class DicomStore:
             spooled.discard()
             return relative, False
         target.parent.mkdir(parents=True, exist_ok=True)
+        spooled.wait_synced()  # never a name on bytes that are not on disk yet
         os.replace(spooled.path, target)
         if self.fsync:
             dir_fd = os.open(target.parent, os.O_RDONLY)

@@ -80,6 +80,27 @@ def test_gzip_wrapped_file_is_unwrapped_when_spooled(dicom_files: Path, tmp_path
     assert h.modality == "MR"
 
 
+def test_a_synced_store_names_a_file_only_after_its_fsync(dicom_files: Path, tmp_path: Path):
+    from concurrent.futures import Future
+
+    store = DicomStore(tmp_path, fsync=True)
+    source = dicom_files / TF / "CT_small.dcm"
+    spooled = store.spool(source)
+    assert spooled.synced is not None  # syncing in the background while the caller parses
+    relative, created = store.commit(spooled)
+    assert created and spooled.synced.done()
+    assert store.path(relative).read_bytes() == source.read_bytes()
+
+    failed = store.spool(dicom_files / TF / "MR_small.dcm")
+    failed.synced.result()
+    failed.synced = Future()
+    failed.synced.set_exception(OSError(5, "Input/output error"))
+    with pytest.raises(OSError, match="Input/output error"):
+        store.commit(failed)
+    assert not store.path(store.relative_path(failed.sha256)).exists()
+    failed.discard()
+
+
 def test_modality_lut_applies_rescale(dicom_files: Path):
     path = dicom_files / TF / "CT_small.dcm"
     ds = pydicom.dcmread(path)
