@@ -42,10 +42,10 @@ class TriageModelVersionAdmin(admin.ModelAdmin):
 @admin.register(OperatingPoint)
 class OperatingPointAdmin(ReadOnlyAdmin):
     list_display = [
-        "threshold", "sensitivity", "specificity", "workload_reduction", "validation_cohort",
+        "score_source", "threshold", "sensitivity", "specificity", "workload_reduction", "validation_cohort",
         "computed_at", "signed_off_by", "signed_off_at",
     ]  # fmt: skip
-    list_filter = ["signed_off_at"]
+    list_filter = ["signed_off_at", "score_source"]
 
 
 @admin.register(TriageResult)

@@ -80,14 +80,29 @@ class Category(models.TextChoices):
 
 
 class OperatingPoint(models.Model):
-    """A threshold on the classifier's score, with the validation run behind it.
+    """A threshold on an exam score, with the validation run behind it.
 
-    The newest signed-off point is the one triage uses. A point cannot be signed off
-    without a validation cohort and computation (a database constraint, so neither
-    the admin nor a script can skip it)."""
+    `score_source` says which score (triage/exam_score.py: the classifier's
+    P(abnormal), the detector's best box, or both fused) the threshold was
+    calibrated on, and `model_versions` which versions made it; triage on arrival
+    computes that same score with those same versions, or the point does not apply.
+    The newest signed-off point whose versions are all active is the one triage uses.
+    A point cannot be signed off without a validation cohort and computation (a
+    database constraint, so neither the admin nor a script can skip it)."""
+
+    class ScoreSource(models.TextChoices):
+        CLASSIFIER = "classifier", "classifier P(abnormal)"
+        DETECTOR = "detector", "detector score (best box)"
+        FUSED = "fused", "classifier and detector, noisy-OR"
 
     model_versions = models.ManyToManyField(TriageModelVersion, related_name="operating_points")
-    threshold = models.FloatField(help_text="P(abnormal) below this is likely negative")
+    score_source = models.CharField(
+        max_length=16,
+        choices=ScoreSource.choices,
+        default=ScoreSource.CLASSIFIER,
+        help_text="the exam score the threshold applies to (triage/exam_score.py)",
+    )
+    threshold = models.FloatField(help_text="an exam score below this is likely negative")
     sensitivity = models.FloatField(help_text="on the validation cohort, at this threshold")
     specificity = models.FloatField()
     workload_reduction = models.FloatField(help_text="share of the validation exams ruled out")
@@ -113,11 +128,15 @@ class OperatingPoint(models.Model):
                 ),
                 name="operating_point_signed_off_after_validation",
             ),
+            models.CheckConstraint(
+                condition=Q(score_source__in=["classifier", "detector", "fused"]),
+                name="operating_point_known_score_source",
+            ),
         ]
 
     def __str__(self) -> str:
         state = f"signed off {self.signed_off_at:%Y-%m-%d}" if self.signed_off_at else "not signed off"
-        return f"threshold {self.threshold:g}, sensitivity {self.sensitivity:.3f} ({state})"
+        return f"{self.score_source} threshold {self.threshold:g}, sensitivity {self.sensitivity:.3f} ({state})"
 
 
 class TriageResult(models.Model):

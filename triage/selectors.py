@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from django.db.models import Case, Count, Exists, F, FilteredRelation, OuterRef, Q, QuerySet, Value, When
@@ -31,7 +32,15 @@ from studies.errors import RenderError
 from studies.models import Cohort, Finding, Instance, Study
 from studies.services import dicom_store
 
-from .models import Category, ImageQuality, OperatingPoint, TriageModelVersion, TriageResult
+from .models import (
+    Category,
+    Detection,
+    ImageQuality,
+    LocalisationRun,
+    OperatingPoint,
+    TriageModelVersion,
+    TriageResult,
+)
 
 RANKS: dict[str, int] = {
     Category.URGENT: 0,
@@ -265,55 +274,149 @@ def score_instances(*, module, instances: Sequence[Instance], progress: bool = F
     return scores
 
 
+def detector_image_scores(*, loaded, instances: Sequence[Instance], progress: bool = False) -> dict[int, float]:
+    """Instance id → the detector's best box score on it (0 without a box), for every
+    image it could run on. Where this version has run on arrival (a LocalisationRun)
+    its stored boxes are used, so calibration sees exactly the numbers triage saw;
+    other images are run now (nothing stored: a read). Undecodable images are left out."""
+    from . import detection
+    from .exam_score import detector_score
+    from .localisation import picture
+
+    ids = [i.pk for i in instances]
+    ran = set(
+        LocalisationRun.objects.filter(model_version=loaded.version, instance_id__in=ids).values_list(
+            "instance_id", flat=True
+        )
+    )
+    stored: dict[int, list[float]] = {}
+    for instance_id, score in Detection.objects.filter(model_version=loaded.version, instance_id__in=ran).values_list(
+        "instance_id", "score"
+    ):
+        stored.setdefault(instance_id, []).append(score)
+    scores: dict[int, float] = {}
+    for instance in tqdm(instances, desc="detect", unit="img", disable=not progress):
+        if instance.pk in ran:
+            scores[instance.pk] = detector_score(stored.get(instance.pk, []))
+            continue
+        try:
+            pixels, monochrome1 = picture(instance)
+        except Exception:  # as on arrival: an image that cannot be decoded is not scored
+            continue
+        boxes = detection.detect(loaded.module, loaded.meta, pixels, monochrome1=monochrome1)
+        scores[instance.pk] = detector_score(b.score for b in boxes)
+    return scores
+
+
+def study_detector_scores(*, study: Study, version: TriageModelVersion) -> dict[str, float] | None:
+    """SOP Instance UID → the best stored box score of `version` on each image of the
+    study it has run on (0 for an image it marked nothing on); None when it ran on none."""
+    ran = dict(
+        LocalisationRun.objects.filter(model_version=version, instance__series__study=study).values_list(
+            "instance_id", "instance__sop_instance_uid"
+        )
+    )
+    if not ran:
+        return None
+    best = {uid: 0.0 for uid in ran.values()}
+    for instance_id, score in Detection.objects.filter(model_version=version, instance_id__in=ran).values_list(
+        "instance_id", "score"
+    ):
+        best[ran[instance_id]] = max(best[ran[instance_id]], float(score))
+    return best
+
+
 @dataclass
 class ExamScore:
-    """One study of a labelled cohort: its labels (any image) and its combined scores."""
+    """One study of a labelled cohort: its labels (any image) and its scores under each
+    source the models given could make (`scores`: exam_score.study_scores per source)."""
 
     study: Study
     patient_id: str
     abnormal: int
     malignant: int  # 1, 0 (benign lesions only) or -1 (normal or unknown)
-    p_abnormal: float
-    p_malignant: float
-    images: list[tuple[LabelledImage, float, float]]  # (image, P(abnormal), P(malignant))
+    p_abnormal: float | None  # the classifier's, None without one
+    p_malignant: float | None
+    p_detector: float | None  # the detector's best box, None without one
+    # (image, P(abnormal), P(malignant), detector's best box): None where that model is not given
+    images: list[tuple[LabelledImage, float | None, float | None, float | None]]
+    scores: dict[str, dict[str, Any]]
+
+    def score(self, source: str) -> float:
+        """The exam score under `source`; KeyError when its models were not given."""
+        return float(self.scores[source]["exam"]["score"])
+
+    def image_score(self, source: str, image: tuple[LabelledImage, float | None, float | None, float | None]) -> float:
+        """One image's score under `source` (as if it were the exam's only image)."""
+        from .exam_score import exam_score
+
+        value = exam_score(source, p_classifier=image[1], p_detector=image[3])
+        if value is None:
+            raise KeyError(source)
+        return value
 
 
-def cohort_exam_scores(*, cohort: Cohort, module, progress: bool = False) -> list[ExamScore]:
-    """Score every labelled image of the cohort and combine them per exam (study) the
-    way triage does on arrival (classifier.combine). Raises ValueError when the
-    cohort has no labelled image that decodes."""
+def cohort_exam_scores(*, cohort: Cohort, classifier=None, detector=None, progress: bool = False) -> list[ExamScore]:
+    """Score every labelled image of the cohort with the classifier and/or detector
+    given (services.LoadedModel) and combine them per exam (study) the way triage does
+    on arrival (classifier.combine, exam_score.study_scores), under every score source
+    the models given allow. An exam is kept when every given model scored one of its
+    images. Raises ValueError when the cohort has no labelled image that decodes."""
     from .classifier import ImageScore, combine
+    from .exam_score import NEEDS, SOURCES, detector_score, study_scores
 
+    if classifier is None and detector is None:
+        raise ValueError("no model to score with: a classifier or a detector must be active")
     labelled = labelled_images(cohort=cohort)
     if not labelled:
         raise ValueError(f"cohort {cohort.name!r} has no labelled images (no studies.Finding rows)")
-    scores = score_instances(module=module, instances=[item.instance for item in labelled], progress=progress)
-    by_study: dict[int, list[tuple[LabelledImage, float, float]]] = {}
+    instances = [item.instance for item in labelled]
+    cls = score_instances(module=classifier.module, instances=instances, progress=progress) if classifier else None
+    det = detector_image_scores(loaded=detector, instances=instances, progress=progress) if detector else None
+    by_study: dict[int, list[tuple[LabelledImage, float | None, float | None, float | None]]] = {}
     for item in labelled:
-        if item.instance.pk in scores:
-            p_abnormal, p_malignant = scores[item.instance.pk]
-            by_study.setdefault(item.instance.series.study_id, []).append((item, p_abnormal, p_malignant))
+        pk = item.instance.pk
+        if (cls is not None and pk not in cls) or (det is not None and pk not in det):
+            continue
+        p_abnormal, p_malignant = cls[pk] if cls is not None else (None, None)
+        by_study.setdefault(item.instance.series.study_id, []).append(
+            (item, p_abnormal, p_malignant, det[pk] if det is not None else None)
+        )
     if not by_study:
         raise ValueError(f"none of the labelled images of cohort {cohort.name!r} could be decoded")
+    given = {"classifier": classifier is not None, "detector": detector is not None}
+    available = [source for source in SOURCES if all(given[kind] for kind in NEEDS[source])]
     exams = []
     for images in by_study.values():
-        combined = combine(
-            [
-                ImageScore(item.instance.sop_instance_uid, item.instance.laterality, p_abnormal, p_malignant)
-                for item, p_abnormal, p_malignant in images
-            ]
-        )["exam"]
-        labels_malignant = [item.malignant for item, _, _ in images]
+        combined = (
+            combine(
+                [
+                    ImageScore(item.instance.sop_instance_uid, item.instance.laterality, pa, pm)
+                    for item, pa, pm, _pd in images
+                ]
+            )
+            if classifier is not None
+            else None
+        )
+        detector_images = (
+            {item.instance.sop_instance_uid: pd for item, _pa, _pm, pd in images} if detector is not None else None
+        )
+        scores = {
+            source: study_scores(source, classifier=combined, detector_images=detector_images) for source in available
+        }
+        labels_malignant = [item.malignant for item, *_ in images]
         study = images[0][0].instance.series.study
         exams.append(
             ExamScore(
                 study=study,
                 patient_id=study.patient.patient_id,
-                abnormal=int(any(item.abnormal for item, _, _ in images)),
+                abnormal=int(any(item.abnormal for item, *_ in images)),
                 malignant=1 if 1 in labels_malignant else 0 if 0 in labels_malignant else -1,
-                p_abnormal=combined["p_abnormal"],
-                p_malignant=combined["p_malignant"],
+                p_abnormal=combined["exam"]["p_abnormal"] if combined else None,
+                p_malignant=combined["exam"]["p_malignant"] if combined else None,
+                p_detector=round(detector_score(detector_images.values()), 6) if detector_images else None,
                 images=images,
+                scores=scores,
             )
         )
     return exams
@@ -326,15 +429,38 @@ def operating_points() -> QuerySet[OperatingPoint]:
     )
 
 
-def signed_off_point(classifier: TriageModelVersion | None) -> OperatingPoint | None:
-    """The newest signed-off operating point of the classifier (the one triage uses)."""
-    if classifier is None:
-        return None
-    return (
-        OperatingPoint.objects.filter(model_versions=classifier, signed_off_at__isnull=False)
-        .order_by("-signed_off_at")
-        .first()
+def active_scoring_versions() -> dict[str, TriageModelVersion]:
+    """The active classifier and detector by kind (those an exam score can come from)."""
+    rows = TriageModelVersion.objects.filter(
+        kind__in=[TriageModelVersion.Kind.CLASSIFIER, TriageModelVersion.Kind.DETECTOR],
+        status=TriageModelVersion.Status.ACTIVE,
     )
+    return {v.kind: v for v in rows}
+
+
+def signed_off_point(*, active: dict[str, TriageModelVersion] | None = None) -> OperatingPoint | None:
+    """The operating point triage uses: the newest signed-off point whose model
+    versions are exactly the active versions its score source needs. A point
+    calibrated on another classifier or detector version (or on a model no longer
+    active) does not apply: its threshold means nothing for the new model's scores."""
+    from .exam_score import NEEDS
+
+    active = active_scoring_versions() if active is None else active
+    if not active:
+        return None
+    candidates = (
+        OperatingPoint.objects.filter(signed_off_at__isnull=False, model_versions__in=list(active.values()))
+        .distinct()
+        .prefetch_related("model_versions")
+        .order_by("-signed_off_at", "-pk")
+    )
+    for point in candidates:
+        needs = NEEDS.get(point.score_source, ())
+        if not all(kind in active for kind in needs):
+            continue
+        if {v.pk for v in point.model_versions.all()} == {active[kind].pk for kind in needs}:
+            return point
+    return None
 
 
 def user_can_sign_off(*, user) -> bool:

@@ -8,8 +8,11 @@ from, in this order of precedence,
    urgent class (PRECEDENT_URGENT_FINDINGS) makes it `urgent`, any other malignant or
    abnormal-unknown finding `suspicious` — a human flag outranks every model;
 2. the quality check: no image a triage task can assess → `not_assessable`;
-3. the models: with no active classifier (or no signed-off operating point) the study
-   waits as `pending` and the worklist orders it as routine.
+3. the models: the signed-off operating point's exam score (its `score_source`: the
+   classifier's P(abnormal), the detector's best box or both fused, exam_score.py,
+   from the point's own model versions) against its threshold; with no signed-off
+   point for the active models, or no image they could score, the study waits as
+   `pending` and the worklist orders it as routine.
 
 A result is written only when the outcome changes, so the job is idempotent and the
 history holds real changes, not one row per arriving image. A category a radiologist
@@ -174,11 +177,14 @@ class RadiologistFinding:
 
 @dataclass(frozen=True)
 class ModelState:
-    """Which models could score: the active classifier and the signed-off operating point."""
+    """Which models could score: the active classifier and detector, and the signed-off
+    operating point in use with the exam score it was calibrated on."""
 
     classifier: str = ""
     operating_point: bool = False
-    threshold: float | None = None  # the signed-off point's threshold on the exam's P(abnormal)
+    threshold: float | None = None  # the signed-off point's threshold on the exam score
+    detector: str = ""
+    score_source: str = "classifier"  # exam_score.SOURCES: which score the threshold applies to
 
 
 @dataclass(frozen=True)
@@ -209,8 +215,10 @@ def decide(
 ) -> Decision:
     """The study's category and the reasons a radiologist reads next to it.
 
-    `scores` is the classifier's output for the study (classifier.combine), None when
-    it did not run; `detections` the active detector's boxes."""
+    `scores` is the study's exam score under the signed-off point's source
+    (exam_score.study_scores: the classifier's combined output, the detector's best
+    box per image, or both), None when the models it needs did not score the study;
+    `detections` the active detector's boxes."""
     urgent = [f for f in findings if any(rule.matches(f.pathology, f.abnormality_class) for rule in rules)]
     if urgent:
         labels = dict.fromkeys(f.label for f in urgent)
@@ -227,20 +235,30 @@ def decide(
     if urgent_boxes:
         return Decision(Category.URGENT, urgent_boxes + quality_reasons, dict(scores or {}))
     if scores is not None and models.operating_point and models.threshold is not None:
-        decision = _classifier_decision(scores, models)
+        decision = _score_decision(scores, models)
         if suspicious_boxes and decision.category in (Category.ROUTINE, Category.LIKELY_NEGATIVE):
             decision = Decision(Category.SUSPICIOUS, suspicious_boxes + decision.reasons, decision.scores)
         decision.reasons.extend(quality_reasons)
         return decision
     if suspicious_boxes:
         return Decision(Category.SUSPICIOUS, suspicious_boxes + quality_reasons, dict(scores or {}))
-    if not models.classifier:
+    if not models.classifier and not models.detector:
         waiting = NO_MODEL_REASON
     elif not models.operating_point:
-        waiting = f"no operating point is signed off for classifier {models.classifier} yet"
+        waiting = f"no operating point is signed off for {_active_names(models)} yet"
+    elif models.score_source == "detector":
+        waiting = f"detector {models.detector} ran on no image of this study"
+    elif models.score_source == "fused":
+        waiting = f"the fused score needs classifier {models.classifier} and detector {models.detector} on a mammogram"
     else:
         waiting = f"classifier {models.classifier} scores mammograms only: no image of this study was scored"
     return Decision(Category.PENDING, [waiting, *quality_reasons])
+
+
+def _active_names(models: ModelState) -> str:
+    names = [f"classifier {models.classifier}"] if models.classifier else []
+    names += [f"detector {models.detector}"] if models.detector else []
+    return " and ".join(names)
 
 
 def _detection_flags(detections: Sequence[ModelDetection], rules: Sequence[UrgentRule]) -> tuple[list[str], list[str]]:
@@ -263,35 +281,47 @@ def _detection_flags(detections: Sequence[ModelDetection], rules: Sequence[Urgen
     return urgent, suspicious
 
 
-def _classifier_decision(scores: dict[str, Any], models: ModelState) -> Decision:
+def _score_decision(scores: dict[str, Any], models: ModelState) -> Decision:
+    """Suspicious on the classifier's P(malignant) when it scored; otherwise the exam
+    score of the point's source against the point's threshold."""
     exam = scores["exam"]
-    p_abnormal, p_malignant = float(exam["p_abnormal"]), float(exam["p_malignant"])
+    source = scores.get("score_source", models.score_source)
+    score = float(exam["score"] if "score" in exam else exam["p_abnormal"])
     threshold = float(models.threshold)
     suspicious_at = float(settings.PRECEDENT_TRIAGE_SUSPICIOUS_MALIGNANT)
     worst = max(scores.get("breasts", {}).items(), key=lambda item: item[1]["p_abnormal"], default=None)
     where = f" (highest: {_SIDES.get(worst[0], 'unknown side')} breast)" if worst else ""
-    numbers = f"P(abnormal) {p_abnormal:.3f}, P(malignant) {p_malignant:.3f}"
-    if p_malignant >= suspicious_at:
+    numbers = []
+    if "p_abnormal" in exam:
+        numbers.append(f"P(abnormal) {float(exam['p_abnormal']):.3f}, P(malignant) {float(exam['p_malignant']):.3f}")
+    if "p_detector" in exam and source != "detector":  # the detector's score is its best box: said once
+        numbers.append(f"best detector box {float(exam['p_detector']):.3f}")
+    numbers_text = "".join(f"; {n}" for n in numbers)
+    if "p_malignant" in exam and float(exam["p_malignant"]) >= suspicious_at:
+        p_malignant = float(exam["p_malignant"])
         return Decision(
             Category.SUSPICIOUS,
-            [f"classifier {models.classifier}: P(malignant) {p_malignant:.3f} ≥ {suspicious_at:.2f}{where}; {numbers}"],
+            [
+                f"classifier {models.classifier}: P(malignant) {p_malignant:.3f} ≥ {suspicious_at:.2f}{where}"
+                f"{numbers_text}"
+            ],
             scores,
         )
-    if p_abnormal < threshold:
+    if source == "detector":
+        what = f"detector {models.detector}: best box score {score:.3f}"
+    elif source == "fused":
+        what = f"classifier {models.classifier} + detector {models.detector}: fused score {score:.3f}"
+    else:
+        what = f"classifier {models.classifier}: P(abnormal) {score:.3f}"
+    if score < threshold:
         return Decision(
             Category.LIKELY_NEGATIVE,
-            [
-                f"classifier {models.classifier}: P(abnormal) {p_abnormal:.3f} below the signed-off threshold "
-                f"{threshold:.3f}; {numbers}"
-            ],
+            [f"{what} below the signed-off threshold {threshold:.3f}{numbers_text}"],
             scores,
         )
     return Decision(
         Category.ROUTINE,
-        [
-            f"classifier {models.classifier}: P(abnormal) {p_abnormal:.3f} at or above the signed-off threshold "
-            f"{threshold:.3f}{where}; {numbers}"
-        ],
+        [f"{what} at or above the signed-off threshold {threshold:.3f}{where}{numbers_text}"],
         scores,
     )
 
@@ -311,22 +341,27 @@ def _quality_reasons(images: Sequence[ImageVerdict]) -> list[str]:
 
 
 def model_state() -> tuple[ModelState, list[TriageModelVersion], OperatingPoint | None]:
-    classifier = TriageModelVersion.objects.filter(
-        kind=TriageModelVersion.Kind.CLASSIFIER, status=TriageModelVersion.Status.ACTIVE
-    ).first()
-    point = None
-    if classifier is not None:
-        point = (
-            OperatingPoint.objects.filter(model_versions=classifier, signed_off_at__isnull=False)
-            .order_by("-signed_off_at")
-            .first()
-        )
+    """The active scoring models, the signed-off point in use (selectors.signed_off_point:
+    its versions are the active ones its score source needs) and the versions a
+    result records: the point's, the active detector (its boxes can flag a study),
+    and without a point the active classifier the study waits for."""
+    from .selectors import active_scoring_versions, signed_off_point
+
+    active = active_scoring_versions()
+    classifier = active.get(TriageModelVersion.Kind.CLASSIFIER)
+    detector = active.get(TriageModelVersion.Kind.DETECTOR)
+    point = signed_off_point(active=active)
     state = ModelState(
         classifier=classifier.name if classifier else "",
         operating_point=point is not None,
         threshold=point.threshold if point is not None else None,
+        detector=detector.name if detector else "",
+        score_source=point.score_source if point is not None else OperatingPoint.ScoreSource.CLASSIFIER,
     )
-    return state, [classifier] if classifier else [], point
+    versions = list(point.model_versions.all()) if point is not None else [classifier] if classifier else []
+    if detector is not None and detector not in versions:
+        versions.append(detector)
+    return state, versions, point
 
 
 # --- model versions -----------------------------------------------------------------------
@@ -557,29 +592,88 @@ def classify_study(study: Study, loaded: LoadedModel) -> dict[str, Any] | None:
     return combine(images) if images else None
 
 
+def study_exam_scores(
+    study: Study, *, point: OperatingPoint, qualities: Sequence[ImageQuality]
+) -> dict[str, Any] | None:
+    """The study's scores under the point's score source, from the point's own model
+    versions (exam_score.study_scores), or None when a model the source needs did not
+    score it (no mammogram for the classifier, no image the detector ran on, a weights
+    file that cannot be loaded: the study waits, the reason is logged)."""
+    from .exam_score import NEEDS, study_scores
+
+    needs = NEEDS[point.score_source]
+    versions = {v.kind: v for v in point.model_versions.all()}
+    classifier_scores = None
+    if "classifier" in needs:
+        if not any(q.assessable and q.task == CLASSIFIER_TASK for q in qualities):
+            return None
+        try:
+            loaded = load_triage_model(versions[TriageModelVersion.Kind.CLASSIFIER])
+        except ValueError as exc:  # a missing or damaged weights file
+            log.error("classifier unavailable: %s", exc)
+            return None
+        classifier_scores = classify_study(study, loaded)
+    detector_images = None
+    if "detector" in needs:
+        from .selectors import study_detector_scores
+
+        detector_images = study_detector_scores(study=study, version=versions[TriageModelVersion.Kind.DETECTOR])
+    return study_scores(point.score_source, classifier=classifier_scores, detector_images=detector_images)
+
+
+def default_score_source() -> str:
+    """calibrate_triage's default: the detector's score when a detector is active (on
+    the MIAS patient-level validation split it ranked exams better than the classifier
+    and than both fused, README Figures), else the classifier's. The point records
+    the source either way; `--score` chooses another."""
+    from .selectors import active_scoring_versions
+
+    if TriageModelVersion.Kind.DETECTOR in active_scoring_versions():
+        return OperatingPoint.ScoreSource.DETECTOR
+    return OperatingPoint.ScoreSource.CLASSIFIER
+
+
+def scoring_models(source: str) -> dict[str, LoadedModel]:
+    """The active models the score source needs, loaded; ValueError naming what is missing."""
+    from .exam_score import NEEDS, check_source
+
+    loaded = {}
+    for kind in NEEDS[check_source(source)]:
+        model = active_triage_model(kind)
+        if model is None:
+            raise ValueError(
+                f"no {kind} is active (the {source} score needs one): train one with train_triage --model {kind}"
+                " --activate"
+            )
+        loaded[kind] = model
+    return loaded
+
+
 @transaction.atomic
 def operating_point_compute(
-    *, cohort: Cohort, target_sensitivity: float = 1.0, progress: bool = False
+    *, cohort: Cohort, target_sensitivity: float = 1.0, source: str | None = None, progress: bool = False
 ) -> OperatingPoint:
-    """Score the (validation) cohort with the active classifier, compute ROC and
-    workload curves at exam level and store the threshold that keeps
-    `target_sensitivity` as an OperatingPoint, not signed off. Raises ValueError with
-    the reason (no active classifier, no labels, one class only)."""
+    """Score the (validation) cohort with the active models the score `source` needs
+    (default: default_score_source()), compute ROC and workload curves at exam level
+    and store the threshold that keeps `target_sensitivity` as an OperatingPoint with
+    its source and model versions, not signed off. Raises ValueError with the reason
+    (a model the source needs is not active, no labels, one class only)."""
     from . import metrics
     from .selectors import cohort_exam_scores
 
-    loaded = active_triage_model(TriageModelVersion.Kind.CLASSIFIER)
-    if loaded is None:
-        raise ValueError("no classifier is active: train one with train_triage --activate")
-    exams = cohort_exam_scores(cohort=cohort, module=loaded.module, progress=progress)
+    source = source or default_score_source()
+    loaded = scoring_models(source)
+    classifier, detector = loaded.get("classifier"), loaded.get("detector")
+    exams = cohort_exam_scores(cohort=cohort, classifier=classifier, detector=detector, progress=progress)
     labels = [e.abnormal for e in exams]
     if len(set(labels)) < 2:
         raise ValueError(f"cohort {cohort.name!r} needs normal and abnormal exams to calibrate, has one class only")
-    scores = [e.p_abnormal for e in exams]
+    scores = [e.score(source) for e in exams]
     point = metrics.threshold_for_sensitivity(labels, scores, target_sensitivity)
     patients = {e.patient_id for e in exams}
     validation = {
         "target_sensitivity": target_sensitivity,
+        "score_source": source,
         "exams": len(exams),
         "abnormal_exams": sum(labels),
         "normal_exams": len(labels) - sum(labels),
@@ -587,10 +681,12 @@ def operating_point_compute(
         "auc_abnormal": metrics.auc(labels, scores),
         "rule_out_at_full_sensitivity": metrics.rule_out_at_full_sensitivity(labels, scores),
         "curve": metrics.curve_dicts(metrics.curve(labels, scores)),
-        "classifier": loaded.version.name,
+        "classifier": classifier.version.name if classifier else None,
+        "detector": detector.version.name if detector else None,
         "level": "exam",
     }
     op = OperatingPoint.objects.create(
+        score_source=source,
         threshold=point.threshold,
         sensitivity=point.sensitivity,
         specificity=point.specificity,
@@ -599,7 +695,7 @@ def operating_point_compute(
         validation=validation,
         computed_at=timezone.now(),
     )
-    op.model_versions.set([loaded.version])
+    op.model_versions.set([m.version for m in loaded.values()])
     return op
 
 
@@ -620,6 +716,7 @@ def operating_point_sign_off(
         point.signed_off_at = timezone.now()
         point.save(update_fields=["signed_off_by", "signed_off_at"])
         after = {
+            "score_source": point.score_source,
             "threshold": point.threshold,
             "sensitivity": point.sensitivity,
             "specificity": point.specificity,
@@ -688,15 +785,8 @@ def triage_study(*, study_id: int, recheck: bool = False) -> TriageResult | None
         .values_list("pathology", "abnormality_class")
     ]
     state, versions, point = model_state()
-    scores = None
-    if state.operating_point and any(q.assessable and q.task == CLASSIFIER_TASK for q in qualities):
-        try:
-            loaded = active_triage_model(TriageModelVersion.Kind.CLASSIFIER)
-        except ValueError as exc:  # a missing or damaged weights file: the study waits, the reason is logged
-            log.error("classifier unavailable: %s", exc)
-            loaded = None
-        scores = classify_study(study, loaded) if loaded is not None else None
     detections = localise_study(study=study)
+    scores = study_exam_scores(study, point=point, qualities=qualities) if point is not None else None
     decision = decide(
         images=images, findings=findings, rules=urgent_rules(), models=state, scores=scores, detections=detections
     )

@@ -209,7 +209,7 @@ def calibration_curves(request: HttpRequest, pk: int) -> HttpResponse:
         raise Http404("this operating point has no validation curves")
     png = metrics.plot_curves(
         curve,
-        title=f"operating point {point.pk} on {point.validation_cohort or 'no cohort'}",
+        title=f"operating point {point.pk} ({point.score_source} score) on {point.validation_cohort or 'no cohort'}",
         operating_point={
             "threshold": point.threshold,
             "sensitivity": point.sensitivity,

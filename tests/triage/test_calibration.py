@@ -104,7 +104,9 @@ def test_calibrate_stores_an_operating_point_not_signed_off(datasets: Path, acti
     assert point.validation["exams"] == 4 and point.validation["abnormal_exams"] == 2
     assert point.validation["curve"][0]["threshold"] is None  # +inf: nothing flagged
     assert list(point.model_versions.all()) == [active_classifier]
-    assert "not signed off" in output
+    # Only a classifier active: its P(abnormal) is the score, recorded with the point.
+    assert point.score_source == "classifier" and point.validation["score_source"] == "classifier"
+    assert "on the classifier P(abnormal)" in output and "not signed off" in output
 
 
 def test_calibrate_with_sign_off_is_audited_and_retriages_pending_studies(

@@ -1,4 +1,5 @@
-"""python manage.py calibrate_triage --cohort NAME [--target-sensitivity 1.0] [--sign-off USERNAME]."""
+"""python manage.py calibrate_triage --cohort NAME [--score {classifier,detector,fused}] [--target-sensitivity 1.0]
+[--sign-off USERNAME]."""
 
 from __future__ import annotations
 
@@ -9,17 +10,26 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from studies.models import Cohort
 from triage import selectors, services
+from triage.exam_score import LABELS, SOURCES
 
 
 class Command(BaseCommand):
     help = (
-        "Score a (patient-level validation) cohort with the active classifier, compute the ROC and workload "
-        "curves and store the threshold that keeps the target sensitivity as an operating point, not signed off. "
-        "--sign-off USERNAME signs it off at once (audited), for scripted setups."
+        "Score a (patient-level validation) cohort with the active models, compute the exam-level ROC and workload "
+        "curves of the chosen score and store the threshold that keeps the target sensitivity as an operating point "
+        "(with the score source and model versions), not signed off. --sign-off USERNAME signs it off at once "
+        "(audited), for scripted setups."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--cohort", required=True)
+        parser.add_argument(
+            "--score",
+            choices=SOURCES,
+            default=None,
+            help="the exam score to threshold: the classifier's P(abnormal), the detector's best box, or both fused "
+            "(noisy-OR); default: the detector's when a detector is active, else the classifier's",
+        )
         parser.add_argument("--target-sensitivity", type=float, default=1.0, help="exam level, in (0, 1]")
         parser.add_argument("--sign-off", metavar="USERNAME", default="", help="sign the new point off as this user")
 
@@ -41,16 +51,18 @@ class Command(BaseCommand):
             raise CommandError(f"cohort {cohort.name!r} is empty")
         try:
             point = services.operating_point_compute(
-                cohort=cohort, target_sensitivity=target, progress=options["verbosity"] > 0
+                cohort=cohort, target_sensitivity=target, source=options["score"], progress=options["verbosity"] > 0
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         v = point.validation
         self.stdout.write(
-            f"operating point {point.pk}: threshold {point.threshold:.4f} on P(abnormal) keeps sensitivity "
+            f"operating point {point.pk}: threshold {point.threshold:.4f} on the {LABELS[point.score_source]} "
+            f"({', '.join(v.name for v in point.model_versions.all())}) keeps sensitivity "
             f"{point.sensitivity:.3f} (target {target:g}), specificity {point.specificity:.3f}, workload reduction "
             f"{point.workload_reduction:.3f} on {v['exams']} exams of {v['patients']} patients "
-            f"({v['abnormal_exams']} abnormal); AUC {_fmt(v['auc_abnormal'])}"
+            f"({v['abnormal_exams']} abnormal); AUC {_fmt(v['auc_abnormal'])}, normals ruled out at 100 % "
+            f"sensitivity {_fmt(v['rule_out_at_full_sensitivity'])}"
         )
         if user is not None:
             try:

@@ -1,4 +1,4 @@
-"""python manage.py evaluate_triage --cohort NAME [--json] [--out DIR] [--threshold T]."""
+"""python manage.py evaluate_triage --cohort NAME [--json] [--out DIR] [--threshold T] [--score SOURCE]."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from studies.models import Cohort, Instance
 from triage import metrics, selectors, services
+from triage.exam_score import LABELS, NEEDS, SOURCES
 from triage.models import TriageModelVersion
 
 DEFAULT_THRESHOLD = 0.5  # stated in the output when no operating point is signed off
@@ -18,10 +19,11 @@ DEFAULT_THRESHOLD = 0.5  # stated in the output when no operating point is signe
 
 class Command(BaseCommand):
     help = (
-        "Evaluate the active triage models on a labelled (patient-level test) cohort: AUC normal-vs-abnormal and "
-        "benign-vs-malignant at exam and image level, sensitivity/specificity/workload reduction at the signed-off "
-        "operating point, normals ruled out at 100 % sensitivity, FROC and Dice of the localiser; ROC and "
-        "workload curves as PNG."
+        "Evaluate the active triage models on a labelled (patient-level test) cohort: AUC normal-vs-abnormal of "
+        "the exam score the signed-off operating point was calibrated on (classifier, detector or fused; the other "
+        "scores the active models allow alongside) and benign-vs-malignant, at exam and image level, "
+        "sensitivity/specificity/workload reduction at the signed-off operating point, normals ruled out at 100 % "
+        "sensitivity, FROC and Dice of the localiser; ROC and workload curves as PNG."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -32,7 +34,14 @@ class Command(BaseCommand):
             "--threshold",
             type=float,
             default=None,
-            help=f"threshold on P(abnormal) when no operating point is signed off (default {DEFAULT_THRESHOLD})",
+            help=f"threshold on the exam score when no operating point is signed off (default {DEFAULT_THRESHOLD})",
+        )
+        parser.add_argument(
+            "--score",
+            choices=SOURCES,
+            default=None,
+            help="the exam score when no operating point is signed off (default: as calibrate_triage's); with a "
+            "signed-off point its own score is evaluated",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -41,33 +50,56 @@ class Command(BaseCommand):
             raise CommandError(f"no cohort named {options['cohort']!r}")
         if not cohort.studies.exists():
             raise CommandError(f"cohort {cohort.name!r} is empty")
+        point = selectors.signed_off_point()
+        if point is not None and options["score"] and options["score"] != point.score_source:
+            raise CommandError(
+                f"the signed-off operating point {point.pk} is calibrated on the {point.score_source} score: "
+                f"evaluate that one (leave out --score)"
+            )
         try:
-            loaded = services.active_triage_model(TriageModelVersion.Kind.CLASSIFIER)
+            source = point.score_source if point else options["score"] or services.default_score_source()
+            loaded = {
+                kind: services.active_triage_model(kind)
+                for kind in (TriageModelVersion.Kind.CLASSIFIER, TriageModelVersion.Kind.DETECTOR)
+            }
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        if loaded is None:
-            raise CommandError("no classifier is active: train one with train_triage --activate")
+        for kind in NEEDS[source]:
+            if loaded[kind] is None:
+                raise CommandError(
+                    f"no {kind} is active (the {source} score needs one): train one with train_triage --model {kind}"
+                    " --activate"
+                )
+        classifier, detector = loaded["classifier"], loaded["detector"]
         try:
             exams = selectors.cohort_exam_scores(
-                cohort=cohort, module=loaded.module, progress=options["verbosity"] > 0 and not options["json"]
+                cohort=cohort,
+                classifier=classifier,
+                detector=detector,
+                progress=options["verbosity"] > 0 and not options["json"],
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
 
         exam_abnormal = [e.abnormal for e in exams]
-        exam_scores = [e.p_abnormal for e in exams]
-        lesion_exams = [e for e in exams if e.malignant in (0, 1)]
-        images = [(item, pa, pm) for e in exams for item, pa, pm in e.images]
-        lesion_images = [(item, pm) for item, _pa, pm in images if item.malignant in (0, 1)]
-        image_abnormal = [item.abnormal for item, _pa, _pm in images]
+        exam_scores = [e.score(source) for e in exams]
+        images = [(e, image) for e in exams for image in e.images]
+        image_abnormal = [image[0].abnormal for _e, image in images]
+        if classifier is not None:
+            lesion_exams = [e for e in exams if e.malignant in (0, 1)]
+            lesion_images = [image for _e, image in images if image[0].malignant in (0, 1)]
+            auc_malignant = metrics.auc([e.malignant for e in lesion_exams], [e.p_malignant for e in lesion_exams])
+            image_auc_malignant = metrics.auc([i[0].malignant for i in lesion_images], [i[2] for i in lesion_images])
+        else:  # benign vs malignant is the classifier's second output; the detector's classes are lesion types
+            auc_malignant = image_auc_malignant = None
 
-        point = selectors.signed_off_point(loaded.version)
         threshold = point.threshold if point else options["threshold"] or DEFAULT_THRESHOLD
         at = metrics.at_threshold(exam_abnormal, exam_scores, threshold)
         curve = metrics.curve(exam_abnormal, exam_scores)
         result: dict[str, Any] = {
+            "score_source": source,
             "auc_abnormal": metrics.auc(exam_abnormal, exam_scores),
-            "auc_malignant": metrics.auc([e.malignant for e in lesion_exams], [e.p_malignant for e in lesion_exams]),
+            "auc_malignant": auc_malignant,
             "rule_out_at_full_sensitivity": metrics.rule_out_at_full_sensitivity(exam_abnormal, exam_scores),
             "operating_point": {
                 "sensitivity": at.sensitivity,
@@ -76,16 +108,29 @@ class Command(BaseCommand):
                 "threshold": threshold,
                 "signed_off": point is not None,
                 "id": point.pk if point else None,
+                "score_source": source,
+            },
+            # Every score the active models allow, for comparison (the point's is the one above).
+            "by_source": {
+                other: {
+                    "auc_abnormal": metrics.auc(exam_abnormal, [e.score(other) for e in exams]),
+                    "rule_out_at_full_sensitivity": metrics.rule_out_at_full_sensitivity(
+                        exam_abnormal, [e.score(other) for e in exams]
+                    ),
+                }
+                for other in SOURCES
+                if other in exams[0].scores
             },
             "image_level": {
-                "auc_abnormal": metrics.auc(image_abnormal, [pa for _i, pa, _pm in images]),
-                "auc_malignant": metrics.auc([i.malignant for i, _ in lesion_images], [pm for _, pm in lesion_images]),
+                "auc_abnormal": metrics.auc(image_abnormal, [e.image_score(source, image) for e, image in images]),
+                "auc_malignant": image_auc_malignant,
                 "images": len(images),
             },
             "exams": len(exams),
             "abnormal_exams": sum(exam_abnormal),
             "patients": len({e.patient_id for e in exams}),
-            "classifier": loaded.version.name,
+            "classifier": classifier.version.name if classifier else None,
+            "detector": detector.version.name if detector else None,
             "froc": None,
             "dice_mean": None,
             "localisation": "",
@@ -96,7 +141,7 @@ class Command(BaseCommand):
             metrics.plot_curves(
                 curve,
                 out / "roc_workload.png",
-                title=f"{loaded.version.name} on {cohort.name} (exam level)",
+                title=f"{source} score on {cohort.name} (exam level)",
                 operating_point=at,
             )
             result["roc_png"] = str(out / "roc_workload.png")
@@ -105,9 +150,16 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(result))
             return
         op = result["operating_point"]
+        whose = f" (signed-off point {point.pk}'s)" if point else ""
+        models = ", ".join(f"{kind} {m.version.name}" for kind, m in loaded.items() if m is not None)
+        others = "; ".join(
+            f"{other}: AUC {_fmt(v['auc_abnormal'])}, rule-out {_fmt(v['rule_out_at_full_sensitivity'])}"
+            for other, v in result["by_source"].items()
+        )
         self.stdout.write(
             f"{cohort.name}: {result['exams']} exams of {result['patients']} patients ({result['abnormal_exams']} "
-            f"abnormal), classifier {loaded.version.name}\n"
+            f"abnormal), {models}\n"
+            f"score: {LABELS[source]}{whose}\n"
             f"AUC normal vs abnormal {_fmt(result['auc_abnormal'])} (exam), "
             f"{_fmt(result['image_level']['auc_abnormal'])} (image)\n"
             f"AUC benign vs malignant {_fmt(result['auc_malignant'])} (exam), "
@@ -116,6 +168,7 @@ class Command(BaseCommand):
             f"at threshold {threshold:.4f} ({'signed-off point ' + str(point.pk) if point else 'no signed-off point'}):"
             f" sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}, "
             f"workload reduction {op['workload_reduction']:.3f}\n"
+            f"every score (exam AUC, normals ruled out at 100 % sensitivity): {others}\n"
             f"FROC: {result['froc'] if result['froc'] is not None else 'n/a'}; Dice: {_fmt(result['dice_mean'])}"
             + (f" ({result['localisation']})" if result["localisation"] else "")
         )
@@ -130,7 +183,7 @@ class Command(BaseCommand):
         ).exists()
         if not active:
             return {"localisation": "no active detector or segmenter"}
-        ids = [item.instance.pk for e in exams for item, _pa, _pm in e.images]
+        ids = [image[0].instance.pk for e in exams for image in e.images]
         out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="precedent-froc-"))
         report = services.evaluate_localisation(instances=Instance.objects.filter(pk__in=ids), out_dir=out_dir)
         return {"froc": report.get("froc"), "dice_mean": report.get("dice_mean"), "froc_png": report.get("froc_png")}

@@ -139,7 +139,17 @@ class Command(BaseCommand):
             "train_triage", "--cohort", train, "--epochs", "2", "--name", DEMO_CLASSIFIER, "--activate",
             stdout=self.stdout, verbosity=1,
         )  # fmt: skip
-        call_command("calibrate_triage", "--cohort", validation, "--sign-off", DEMO_USERNAME, stdout=self.stdout)
+        # The demo trains a classifier only: its point is on the classifier's score.
+        call_command(
+            "calibrate_triage",
+            "--cohort",
+            validation,
+            "--score",
+            "classifier",
+            "--sign-off",
+            DEMO_USERNAME,
+            stdout=self.stdout,
+        )
         call_command("triage", "--pending", stdout=self.stdout)
         self.stdout.write(
             f"{DEMO_CLASSIFIER} triages the worklist, signed off by {DEMO_USERNAME} on {validation} "
