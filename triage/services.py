@@ -142,17 +142,27 @@ def assess_study_images(study: Study, *, recheck: bool = False) -> list[ImageQua
         instances = instances.filter(triage_quality__isnull=True)
     tasks = triage_tasks()
     store = dicom_store()
+    checked = []
     for instance in instances:
         verdict = quality.assess(image_facts(instance), store.path(instance.file_path), tasks)
-        ImageQuality.objects.update_or_create(
-            instance=instance,
-            defaults={
-                "assessable": verdict.assessable,
-                "task": verdict.task,
-                "reasons": list(verdict.reasons),
-                "metrics": verdict.metrics,
-            },
+        checked.append(
+            ImageQuality(
+                instance=instance,
+                assessable=verdict.assessable,
+                task=verdict.task,
+                reasons=list(verdict.reasons),
+                metrics=verdict.metrics,
+            )
         )
+    # One statement for the whole study (a CT series is hundreds of images); a verdict
+    # a concurrent run wrote meanwhile is replaced by this one, as update_or_create did.
+    ImageQuality.objects.bulk_create(
+        checked,
+        batch_size=500,
+        update_conflicts=True,
+        unique_fields=["instance"],
+        update_fields=["assessable", "task", "reasons", "metrics", "checked_at"],
+    )
     return list(ImageQuality.objects.filter(instance__series__study=study).order_by("instance_id"))
 
 
