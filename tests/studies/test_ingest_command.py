@@ -42,3 +42,35 @@ def test_folder_is_walked_recursively_skipping_dicomdirs_and_docs(dicom_files: P
 def test_missing_path_is_a_one_line_error():
     with pytest.raises(CommandError, match="no such file or folder: /nope"):
         run("/nope")
+
+
+def _connections_to_this_database() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.django_db(transaction=True)  # the threads' connections must see committed rows
+def test_parallel_jobs_store_the_same_and_close_their_connections(dicom_files: Path):
+    import pydicom
+
+    from studies.management.commands.ingest import expand
+    from studies.models import Series
+
+    tf = dicom_files / "pydicom-test_files"
+    folder = tf / "dicomdirtests" / "TINY_ALPHA"
+    series = {pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in expand([folder])}
+    before = _connections_to_this_database()
+    out = run("--jobs", "3", str(tf / "MR_truncated.dcm"), str(folder), str(tf / "CT_small.dcm"))
+    assert "51 stored, 0 duplicate, 1 rejected" in out
+    assert "MR_truncated.dcm: Pixel Data is 8130 bytes" in out
+    assert Instance.objects.count() == 51
+    assert set(Series.objects.values_list("series_instance_uid", flat=True)) >= series  # racing series: one row each
+    assert Series.objects.count() == len(series) + 1
+    assert _connections_to_this_database() == before
+    again = run("--jobs", "2", str(tf / "MR_truncated.dcm"), str(folder), str(tf / "CT_small.dcm"))
+    assert "0 stored, 51 duplicate, 1 rejected" in again
+    with pytest.raises(CommandError, match="--jobs must be at least 1"):
+        run("--jobs", "0", str(folder))
