@@ -42,6 +42,12 @@ THREADS_ENV = "PRECEDENT_TORCH_THREADS"
 # Padding and the border a rotation leaves are "no signal": black after windowing,
 # which is what the air around a breast or a chest looks like.
 PAD_VALUE = 0.0
+# How a backbone's feature map becomes one vector. "avg" is global average pooling
+# (torchvision's own, what training uses); "max" and "gem" (generalised mean, p=GEM_P)
+# let a small bright finding that fires a few cells carry the whole-image embedding
+# instead of being averaged away by the rest of the breast.
+POOLINGS = ("avg", "max", "gem")
+GEM_P = 3.0
 # ITU-R BT.601 luma, as Pillow's convert("L") uses: a colour upload of a grey image
 # gives back (almost) the grey values a radiologist saw.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -66,6 +72,13 @@ class Preprocessing:
     equivalents of ImageNet's (the means of its RGB statistics), so a backbone
     initialised from ImageNet weights with summed RGB kernels sees inputs on the scale
     it was trained on.
+
+    Whole images may be embedded at a larger size than the network was trained on
+    (`image_size`, the film's long side; 0 = `input_size`) with the feature map pooled
+    by `image_pooling`: the convolutions slide over the film at twice the resolution
+    like overlapping tiles, and max pooling lets one lesion dominate the vector.
+    Regions (lesion boxes) are always cropped, resized to `input_size` and
+    average-pooled, as in training.
     """
 
     input_size: int = 256
@@ -73,6 +86,8 @@ class Preprocessing:
     mean: float = 0.449
     std: float = 0.226
     region_margin: float = 0.15  # context around a lesion box, per side, as a share of the box
+    image_size: int = 0
+    image_pooling: str = "avg"
 
     def __post_init__(self) -> None:
         low, high = self.window_percentiles
@@ -80,10 +95,26 @@ class Preprocessing:
             raise ValueError(f"window_percentiles must satisfy 0 <= low < high <= 100, got {self.window_percentiles}")
         if self.input_size < 8 or self.std <= 0 or self.region_margin < 0:
             raise ValueError(f"invalid preprocessing: {self}")
+        if self.image_pooling not in POOLINGS:
+            raise ValueError(f"image_pooling must be one of {', '.join(POOLINGS)}, got {self.image_pooling!r}")
+        if self.image_size != 0 and self.image_size < 8:
+            raise ValueError(f"image_size must be 0 (= input_size) or at least 8, got {self.image_size}")
+
+    @property
+    def whole_image_size(self) -> int:
+        """The square side a whole image is embedded at."""
+        return self.image_size or self.input_size
 
     def to_dict(self) -> dict[str, Any]:
+        """Whole-image settings at their defaults are left out, so a file with the
+        plain whole-image preprocessing stays readable by versions that predate them
+        (`from_dict` refuses keys it does not know)."""
         data = asdict(self)
         data["window_percentiles"] = list(self.window_percentiles)
+        defaults = Preprocessing()
+        for name in ("image_size", "image_pooling"):
+            if data[name] == getattr(defaults, name):
+                del data[name]
         return data
 
     @classmethod
@@ -152,14 +183,15 @@ def prepare(
 ) -> torch.Tensor:
     """Windowed 0..1 square image (1×S×S float32), before normalisation.
 
-    S is `size` or `prep.input_size`; training asks for a larger S to crop from. The
+    S is `size`, else `prep.input_size` for a box and `prep.whole_image_size` for the
+    whole image; training asks for a larger S to crop from. The
     window comes from the whole image even when `box` crops a region, so a lesion
     keeps the grey values it has on the full image (a window stretched over a small
     crop would make every crop look high-contrast). Resizing comes before windowing
     because it is then done on S² instead of all of a large film's pixels; the
     antialiasing filter has no negative lobes, so clipping afterwards is equivalent.
     """
-    size = size or prep.input_size
+    size = size or (prep.input_size if box is not None else prep.whole_image_size)
     grey = to_grey(image)
     low, high = percentile_window(grey, prep.window_percentiles)
     if box is not None:
@@ -193,14 +225,32 @@ def preprocess(
     *,
     monochrome1: bool = False,
 ) -> torch.Tensor:
-    """Modality values (or a colour upload) → the encoder's input, 1×S×S float32.
+    """Modality values (or a colour upload) → the encoder's input, 1×S×S float32
+    (S: `prep.input_size` for a box, `prep.whole_image_size` for the whole image).
 
     `image` is what `studies.dicom.decode_frame` returns (float modality values, or
     uint8 RGB) or a decoded PNG/JPEG. `box=(x0, y0, x1, y1)` in image pixels embeds a
-    region (a lesion) with `prep.region_margin` of context around it.
+    region (a lesion) with `prep.region_margin` of context around it. Embed the
+    result with `embed_batch(..., pooling=pooling_for(prep, box))`.
     `monochrome1` inverts the grey scale (PhotometricInterpretation MONOCHROME1).
     """
     return normalise(prepare(image, prep, box=box, monochrome1=monochrome1), prep)
+
+
+def pooling_for(prep: Preprocessing, box: Box | None = None) -> str:
+    """How the feature map of `preprocess(image, prep, box)` is pooled."""
+    return "avg" if box is not None else prep.image_pooling
+
+
+def pool_features(feature_map: torch.Tensor, pooling: str) -> torch.Tensor:
+    """N×C×h×w → N×C. The maps are post-ReLU (non-negative), as GeM needs."""
+    if pooling == "avg":
+        return feature_map.mean(dim=(2, 3))
+    if pooling == "max":
+        return feature_map.amax(dim=(2, 3))
+    if pooling == "gem":
+        return feature_map.float().clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
 
 
 # --- models ---------------------------------------------------------------------------
@@ -241,8 +291,20 @@ class Encoder(BaseEncoder):
         self.projection = nn.Linear(feature_dim, dim)
         self.first_conv = first_conv  # backbone key prefix of the 1-channel stem
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projection(self.backbone(x)).float(), dim=1)
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's last feature map (N×C×h×w, after its final ReLU), unpooled."""
+        net = self.backbone
+        if isinstance(net, torchvision.models.ResNet):
+            x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        if isinstance(net, torchvision.models.DenseNet):
+            return F.relu(net.features(x))
+        raise TypeError(f"no feature map for {type(net).__name__}")
+
+    def forward(self, x: torch.Tensor, pooling: str = "avg") -> torch.Tensor:
+        # "avg" runs torchvision's own forward, exactly as the weights were trained.
+        features = self.backbone(x) if pooling == "avg" else pool_features(self.feature_map(x), pooling)
+        return F.normalize(self.projection(features).float(), dim=1)
 
 
 class RawPixelEncoder(BaseEncoder):
@@ -261,7 +323,8 @@ class RawPixelEncoder(BaseEncoder):
         q, _ = torch.linalg.qr(torch.randn(features, features, generator=generator))
         self.register_buffer("basis", q[:, :dim].contiguous())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pooling: str = "avg") -> torch.Tensor:
+        # No feature map to pool: the grid average is the same at any pooling.
         pooled = F.adaptive_avg_pool2d(x.float(), self.grid).flatten(1)
         return F.normalize(pooled @ self.basis, dim=1)
 
@@ -582,9 +645,13 @@ def embed_batch(
     *,
     batch_size: int = 32,
     bf16: bool | None = None,
+    pooling: str = "avg",
 ) -> np.ndarray:
     """Embed preprocessed images (each 1×S×S, or one N×1×S×S tensor) → float32 N×D,
     rows L2-normalised.
+
+    `pooling` pools the feature maps: whole images take `pooling_for(prep)` (the
+    encoder's `image_pooling`), regions "avg". One call, one size and one pooling.
 
     Eval mode, no autograd, channels_last, bf16 autocast where it is fast (`bf16=None`:
     on CUDA, and on CPUs with native bf16; the embeddings stay within cosine 0.99 of
@@ -606,7 +673,7 @@ def embed_batch(
             batch = chunk if isinstance(chunk, torch.Tensor) else torch.stack(list(chunk))
             batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                vectors = model(batch)
+                vectors = model(batch, pooling)
             out[start : start + len(batch)] = F.normalize(vectors.float(), dim=1).cpu().numpy()
     finally:
         model.train(was_training)

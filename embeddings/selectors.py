@@ -220,8 +220,9 @@ def _query_vector(encoder: EncoderVersion, instance, box, image, monochrome1) ->
         except Exception as exc:  # RenderError: the stored pixels cannot be decoded
             raise SearchError(str(exc)) from None
         image, monochrome1 = picture.pixels, picture.monochrome1
+    # Exactly as the pipeline embeds the index (size and pooling), or scores mean nothing.
     tensor = enc.preprocess(image, meta.preprocessing, box, monochrome1=monochrome1)
-    return enc.embed_batch(model, [tensor])
+    return enc.embed_batch(model, [tensor], pooling=enc.pooling_for(meta.preprocessing, box))
 
 
 def _hits_sql() -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 # faiss before torch: two OpenMP runtimes in one process can crash it (DESIGN.md).
 from embeddings import index as vector_index  # isort: skip
 
+import dataclasses
 import functools
 import logging
 import shutil
@@ -86,6 +87,29 @@ def encoder_register(*, path: Path, name: str = "") -> EncoderVersion:
             "torch_version": meta.torch_version,
         },
     )
+
+
+def encoder_pooled(*, encoder: EncoderVersion, image_pooling: str, image_size: int, name: str = "") -> EncoderVersion:
+    """A new version with `encoder`'s weights whose whole-image embeddings see the film
+    at `image_size` (long side) and pool the feature map by `image_pooling` (see
+    `enc.Preprocessing`). Nothing is retrained; the new file records its origin. Its
+    embeddings are not comparable with the original's, hence a version of its own.
+    Raises ValueError for bad settings."""
+    model, meta = loaded_encoder(encoder)
+    if not isinstance(model, enc.Encoder):
+        raise ValueError(f"{encoder.name} ({encoder.architecture}) has no feature map to pool")
+    prep = dataclasses.replace(meta.preprocessing, image_pooling=image_pooling, image_size=image_size)
+    if prep == meta.preprocessing:
+        raise ValueError(f"{encoder.name} already embeds images that way")
+    name = name or f"{encoder.name}-{image_pooling}{prep.whole_image_size}"
+    training = dataclasses.replace(meta.training, settings={**meta.training.settings, "pooled_from": encoder.name})
+    copy = enc.build_encoder(meta.architecture, dim=meta.dim, preprocessing=prep)
+    copy.load_state_dict(model.state_dict())
+    path = models_dir() / f"{name}.pt"
+    if path.exists():
+        raise ValueError(f"{path} exists: choose another --name")
+    enc.save_encoder(path, copy, training)
+    return encoder_register(path=path, name=name)
 
 
 _active: tuple[float, EncoderVersion | None] = (-1e9, None)
@@ -328,7 +352,7 @@ def embed_pending(
             if i + 1 < len(batches):
                 future = pool.submit(_decode_batch, batches[i + 1], meta.preprocessing, encoder, report)
             if items:
-                vectors = enc.embed_batch(model, [tensor for _, tensor in items], device)
+                vectors = embed_items(model, meta.preprocessing, items, device)
                 _store_vectors(encoder, items, vectors, report)
             done += len(_batch)
             if progress:
@@ -336,6 +360,18 @@ def embed_pending(
     for kind in Kind.values:
         _catch_up_if_served(encoder, kind)
     return report
+
+
+def embed_items(model: enc.BaseEncoder, prep: enc.Preprocessing, items, device=None) -> np.ndarray:
+    """Vectors for (pending, tensor) pairs, in order. Whole images and regions differ
+    in input size and pooling (see `enc.Preprocessing`), so each group is its own batch."""
+    vectors = np.empty((len(items), model.dim), dtype=np.float32)
+    groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    for position, (pending, tensor) in enumerate(items):
+        groups.setdefault((enc.pooling_for(prep, pending.box), tuple(tensor.shape)), []).append(position)
+    for (pooling, _shape), positions in groups.items():
+        vectors[positions] = enc.embed_batch(model, [items[i][1] for i in positions], device, pooling=pooling)
+    return vectors
 
 
 @dataclass

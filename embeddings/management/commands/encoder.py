@@ -1,4 +1,5 @@
-"""python manage.py encoder list | register PATH [--name N] | activate NAME [--wait]."""
+"""python manage.py encoder list | register PATH [--name N] | activate NAME [--wait]
+| pool NAME --pooling max --image-size 512 [--name N]."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import Count, Q
+from tqdm import tqdm
 
 from embeddings import encoder as enc
 from embeddings import services
@@ -25,6 +27,17 @@ class Command(BaseCommand):
         activate = sub.add_parser("activate", help="embed the archive with it, then serve it")
         activate.add_argument("name")
         activate.add_argument("--wait", action="store_true", help="do the embedding now instead of in the background")
+        pool = sub.add_parser(
+            "pool",
+            help="a new version with the same weights whose whole-image embeddings pool a larger film's feature map "
+            "(max: one lesion can dominate); regions are unchanged",
+        )
+        pool.add_argument("name")
+        pool.add_argument("--pooling", choices=enc.POOLINGS, default="max")
+        pool.add_argument(
+            "--image-size", type=int, default=512, help="the film's long side for whole images (default 512)"
+        )
+        pool.add_argument("--new-name", default="", help="default: NAME-<pooling><size>")
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
         if action == "register":
@@ -39,9 +52,37 @@ class Command(BaseCommand):
             version = EncoderVersion.objects.filter(name=options["name"]).first()
             if version is None:
                 raise CommandError(f"no encoder version named {options['name']!r}")
+            if options["wait"] and version.status == EncoderVersion.Status.READY:
+                # The long part, with progress; activation then finds little left to do.
+                self._embed(version, options["verbosity"])
             services.encoder_activate(encoder=version, wait=options["wait"])
             version.refresh_from_db()
             self.stdout.write(f"{version.name}: {version.get_status_display()}")
+        elif action == "pool":
+            source = EncoderVersion.objects.filter(name=options["name"]).first()
+            if source is None:
+                raise CommandError(f"no encoder version named {options['name']!r}")
+            try:
+                version = services.encoder_pooled(
+                    encoder=source,
+                    image_pooling=options["pooling"],
+                    image_size=options["image_size"],
+                    name=options["new_name"],
+                )
+            except (enc.EncoderFileError, ValueError) as exc:
+                raise CommandError(str(exc)) from None
+            self.stdout.write(
+                f"registered {version.name}: weights of {source.name}, whole images at {options['image_size']} px "
+                f"with {options['pooling']} pooling; `encoder activate {version.name}` to serve it"
+            )
+        self._list()
+
+    def _embed(self, version: EncoderVersion, verbosity: int) -> None:
+        total = services.pending_instances(version).count()
+        with tqdm(total=total, desc=f"embed {version.name}", unit="img", disable=verbosity == 0) as bar:
+            services.embed_pending(encoder=version, progress=lambda done, _total: bar.update(done - bar.n))
+
+    def _list(self) -> None:
         versions = EncoderVersion.objects.annotate(
             images=Count("embeddings", filter=Q(embeddings__kind="image")),
             regions=Count("embeddings", filter=Q(embeddings__kind="region")),
