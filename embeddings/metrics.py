@@ -86,6 +86,46 @@ def retrieval_metrics(
     }
 
 
+def chance_metrics(
+    labels: Sequence[object] | np.ndarray,
+    groups: Sequence[object] | np.ndarray | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    dim: int = 512,
+    seeds: int = 50,
+) -> dict[str, object]:
+    """What `retrieval_metrics` gives for random vectors on the same labels and groups:
+    the level an encoder must clear to have learnt anything. With few queries and
+    unbalanced labels, chance is far from 1/classes and noisy, so the spread over
+    `seeds` draws (standard deviation, and the 2.5-97.5 % range) comes with the mean.
+
+    Returns {"seeds", "precision_at": {k: {"mean", "sd", "low", "high"}}, "map": {...}}.
+    """
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    n = len(labels)
+    runs = [
+        retrieval_metrics(np.random.default_rng(seed).standard_normal((n, dim)), labels, groups, ks)
+        for seed in range(seeds)
+    ]
+
+    def spread(values: list[float]) -> dict[str, float]:
+        v = np.asarray(values, dtype=np.float64)
+        return {
+            "mean": float(v.mean()),
+            "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "low": float(np.percentile(v, 2.5)),
+            "high": float(np.percentile(v, 97.5)),
+        }
+
+    ks = sorted({int(k) for k in ks})
+    return {
+        "seeds": seeds,
+        "precision_at": {k: spread([r["precision_at"][k] for r in runs]) for k in ks},
+        "map": spread([r["map"] for r in runs]),
+    }
+
+
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
     """Mean share of each query's exact top k that the approximate search found in its top k.
 

@@ -50,13 +50,15 @@ def test_train_activate_embed_evaluate(cohort):
         run("evaluate_retrieval", "--cohort", cohort, "--label", "abnormal", "--k", "1", "5", "--json")
     )
     assert figures["feedback"]["count"] == 1 and figures["feedback"]["relevant_share"] == 1.0
-    assert set(figures) >= {"precision_at", "map", "recall_at_10_vs_exact", "baseline"}
+    assert set(figures) >= {"precision_at", "map", "recall_at_10_vs_exact", "baseline", "chance"}
+    chance = figures["chance"]["precision_at"]["5"]
+    assert figures["chance"]["seeds"] == 50 and 0 < chance["low"] <= chance["mean"] <= chance["high"] < 1
     assert set(figures["precision_at"]) == {"1", "5"}
     assert 0 <= figures["precision_at"]["5"] <= 1 and 0 <= figures["map"] <= 1
     assert figures["recall_at_10_vs_exact"] == pytest.approx(1.0)  # a small index is exact
     assert figures["images"] == 16 and figures["patients"] == 8
     table = run("evaluate_retrieval", "--cohort", cohort, "--label", "abnormality_class")
-    assert "raw-pixels baseline" in table and "P@5" in table
+    assert "raw-pixels baseline" in table and "P@5" in table and "chance: random vectors (50 draws)" in table
 
 
 def _change_of_mind(version: EncoderVersion) -> None:

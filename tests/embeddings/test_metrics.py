@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from embeddings.metrics import recall_at_k, retrieval_metrics
+from embeddings.metrics import chance_metrics, recall_at_k, retrieval_metrics
 
 # Four points in 2-D. Cosine similarities, worked out once:
 #   a–b 0.994, c–d 0.994, b–d 0.22, b–c 0.11, a–d 0.11, a–c 0.
@@ -71,3 +71,20 @@ def test_recall_at_k_by_hand():
     assert recall_at_k(approx[:, ::-1], exact, 1) == pytest.approx(0.0)  # 3 vs 1, -1 vs 4
     with pytest.raises(ValueError):
         recall_at_k(approx, exact, 4)
+
+
+@pytest.mark.parametrize("normal,abnormal", [(100, 100), (150, 50)])
+def test_chance_level_matches_the_label_shares(normal, abnormal):
+    """Random vectors find a same-label neighbour as often as the label shares say:
+    for a query of a class of m among n, (m - 1) / (n - 1)."""
+    labels = ["normal"] * normal + ["abnormal"] * abnormal
+    n = len(labels)
+    expected = (normal * (normal - 1) + abnormal * (abnormal - 1)) / (n * (n - 1))
+    chance = chance_metrics(labels, ks=(1, 5), dim=16, seeds=40)
+    for k in (1, 5):
+        figures = chance["precision_at"][k]
+        assert figures["mean"] == pytest.approx(expected, abs=0.03)
+        assert 0 < figures["sd"] < 0.1 and figures["low"] <= figures["mean"] <= figures["high"]
+    assert chance["seeds"] == 40 and chance["map"]["mean"] == pytest.approx(expected, abs=0.05)
+    with pytest.raises(ValueError, match="seeds must be at least 1"):
+        chance_metrics(labels, seeds=0)

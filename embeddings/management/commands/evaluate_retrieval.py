@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from embeddings import services  # isort: skip - imports faiss before torch
 from embeddings import encoder as enc
-from embeddings.metrics import recall_at_k, retrieval_metrics
+from embeddings.metrics import chance_metrics, recall_at_k, retrieval_metrics
 from embeddings.models import Embedding, EncoderVersion, SearchFeedback
 from embeddings.selectors import LABELS, cohort_images
 from studies.errors import RenderError
@@ -31,6 +31,12 @@ class Command(BaseCommand):
         parser.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
         parser.add_argument("--encoder", default="", help="encoder version (default: the active one)")
         parser.add_argument("--no-baseline", action="store_true", help="skip the raw-pixels baseline")
+        parser.add_argument(
+            "--chance-seeds",
+            type=int,
+            default=50,
+            help="random-vector draws for the chance level (mean, sd, 95 %% range); 0 skips it (default 50)",
+        )
         parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -38,6 +44,8 @@ class Command(BaseCommand):
             raise CommandError(f"no cohort named {options['cohort']!r}")
         if any(k < 1 for k in options["k"]):
             raise CommandError("--k values must be positive")
+        if options["chance_seeds"] < 0:
+            raise CommandError("--chance-seeds must be 0 or more")
         encoder = self._encoder(options["encoder"])
         items = [item for item in cohort_images(options["cohort"], options["label"]) if item.label is not None]
         if len(items) < 2:
@@ -69,6 +77,8 @@ class Command(BaseCommand):
         if not options["no_baseline"]:
             raw = self._raw_pixel_vectors(items, encoder, quiet=options["json"] or options["verbosity"] == 0)
             result["baseline"] = {"encoder": "raw-pixels", **_metrics(raw, labels, groups, ks)}
+        if options["chance_seeds"]:
+            result["chance"] = chance_metrics(labels, groups, ks, dim=encoder.dim, seeds=options["chance_seeds"])
         result["feedback"] = _feedback(encoder)
 
         if options["json"]:
@@ -122,6 +132,11 @@ class Command(BaseCommand):
         for name, figures in rows:
             cells = "".join(f"{figures['precision_at'][k]:8.3f}" for k in ks)
             self.stdout.write(name.ljust(40) + cells + f"{figures['map']:8.3f}")
+        if "chance" in result:
+            chance = result["chance"]
+            for name, key in ((f"chance: random vectors ({chance['seeds']} draws)", "mean"), ("  ± sd", "sd")):
+                cells = "".join(f"{chance['precision_at'][k][key]:8.3f}" for k in ks)
+                self.stdout.write(name.ljust(40) + cells + f"{chance['map'][key]:8.3f}")
         self.stdout.write(f"recall@10 of the live index against exact search: {result['recall_at_10_vs_exact']:.3f}")
         fb = result["feedback"]
         if fb["count"]:
