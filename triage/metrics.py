@@ -50,6 +50,32 @@ def auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
     return float(u / (positives * negatives))
 
 
+def auc_interval(
+    labels: Sequence[int], scores: Sequence[float], *, level: float = 0.95, draws: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """A percentile bootstrap interval for the AUC: exams resampled with replacement
+    within each class (so every draw keeps both), `draws` times. With a few dozen
+    exams the interval is wide, and that is the point of printing it. None without
+    both classes."""
+    if not 0 < level < 1 or draws < 1:
+        raise ValueError(f"need 0 < level < 1 and draws >= 1, got {level} and {draws}")
+    y, s = _arrays(labels, scores)
+    positive, negative = s[y == 1], s[y == 0]
+    if len(positive) == 0 or len(negative) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    values = np.empty(draws)
+    for i in range(draws):
+        pos = rng.choice(positive, len(positive))
+        neg = rng.choice(negative, len(negative))
+        # Mann-Whitney on the draw: P(positive > negative), ties one half.
+        greater = (pos[:, None] > neg[None, :]).mean()
+        ties = (pos[:, None] == neg[None, :]).mean()
+        values[i] = greater + ties / 2
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
 @dataclass(frozen=True)
 class CurvePoint:
     threshold: float

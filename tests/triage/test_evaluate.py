@@ -27,6 +27,27 @@ def test_auc_on_known_cases() -> None:
     assert metrics.auc([1, 1], [0.2, 0.3]) is None
 
 
+def test_auc_interval_holds_the_estimate_and_narrows_with_more_exams() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+
+    def exams(n: int) -> tuple[list[int], list[float]]:
+        labels = [1] * n + [0] * n
+        return labels, list(rng.normal(1.0, 1.0, n)) + list(rng.normal(0.0, 1.0, n))  # true AUC ≈ 0.76
+
+    small, large = exams(10), exams(400)
+    low_s, high_s = metrics.auc_interval(*small)
+    low_l, high_l = metrics.auc_interval(*large)
+    assert low_s <= metrics.auc(*small) <= high_s and low_l <= metrics.auc(*large) <= high_l
+    assert high_l - low_l < (high_s - low_s) / 3
+    assert low_l < 0.76 < high_l
+    assert metrics.auc_interval(*small) == (low_s, high_s)  # seeded: the same interval again
+    assert metrics.auc_interval([1, 1], [0.2, 0.3]) is None
+    with pytest.raises(ValueError, match="0 < level < 1"):
+        metrics.auc_interval(*small, level=1.5)
+
+
 def test_threshold_for_full_sensitivity_rules_out_the_normals_below_every_abnormal() -> None:
     labels = [0, 0, 0, 0, 1, 1]
     scores = [0.1, 0.2, 0.5, 0.7, 0.3, 0.9]
@@ -94,6 +115,8 @@ def test_evaluate_json_is_one_object_with_the_agreed_keys(datasets: Path, active
     assert set(result["operating_point"]) >= {"sensitivity", "specificity", "workload_reduction"}
     assert result["operating_point"]["signed_off"] is False and result["operating_point"]["threshold"] == 0.5
     assert 0.0 <= result["auc_abnormal"] <= 1.0
+    low, high = result["auc_abnormal_ci95"]
+    assert 0.0 <= low <= result["auc_abnormal"] <= high <= 1.0
     assert result["auc_malignant"] is None  # the first MIAS lesions are all benign
     assert result["exams"] == 4 and result["abnormal_exams"] == 2 and result["image_level"]["images"] == 8
     assert result["froc"] is None and result["dice_mean"] is None

@@ -99,6 +99,7 @@ class Command(BaseCommand):
         result: dict[str, Any] = {
             "score_source": source,
             "auc_abnormal": metrics.auc(exam_abnormal, exam_scores),
+            "auc_abnormal_ci95": metrics.auc_interval(exam_abnormal, exam_scores),
             "auc_malignant": auc_malignant,
             "rule_out_at_full_sensitivity": metrics.rule_out_at_full_sensitivity(exam_abnormal, exam_scores),
             "operating_point": {
@@ -160,7 +161,7 @@ class Command(BaseCommand):
             f"{cohort.name}: {result['exams']} exams of {result['patients']} patients ({result['abnormal_exams']} "
             f"abnormal), {models}\n"
             f"score: {LABELS[source]}{whose}\n"
-            f"AUC normal vs abnormal {_fmt(result['auc_abnormal'])} (exam), "
+            f"AUC normal vs abnormal {_fmt(result['auc_abnormal'])}{_interval(result['auc_abnormal_ci95'])} (exam), "
             f"{_fmt(result['image_level']['auc_abnormal'])} (image)\n"
             f"AUC benign vs malignant {_fmt(result['auc_malignant'])} (exam), "
             f"{_fmt(result['image_level']['auc_malignant'])} (image)\n"
@@ -191,3 +192,7 @@ class Command(BaseCommand):
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _interval(bounds: tuple[float, float] | None) -> str:
+    return "" if bounds is None else f" [95 % CI {bounds[0]:.3f}–{bounds[1]:.3f}, bootstrap]"
