@@ -25,6 +25,9 @@ def test_upload_a_ct_and_view_it(transactional_db, live_server, user, browser_pa
     page.fill("#id_password", "a-long-test-password")
     page.click("button[type=submit]")
     expect(page).to_have_url(live_server.url + reverse("studies:upload"))
+    # The URL changes when the navigation commits; upload.js (deferred) listens for the
+    # chosen files only once the document is parsed. On a busy machine the gap is real.
+    page.wait_for_load_state("domcontentloaded")
 
     page.set_input_files("input[data-files]", str(ct))
     row = page.locator(".upload-results li").first
