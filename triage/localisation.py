@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +101,33 @@ def picture(instance: Instance) -> tuple[np.ndarray, bool]:
 
     decoded = instance_picture(instance)
     return decoded.pixels, decoded.monochrome1
+
+
+# (detector version id, instance id) → its boxes: an instance's pixels and a version's
+# weights never change, so evaluate_triage's exam scores and its FROC share one run.
+_DETECTED: OrderedDict[tuple[int, int], list] = OrderedDict()
+_DETECTED_MAX = 4096
+_detected_lock = threading.Lock()
+
+
+def detect_instance(loaded, instance: Instance, decoded: tuple[np.ndarray, bool] | None = None) -> list:
+    """The detector's boxes (detection.Detection) on one image, decoding it unless the
+    caller gives `decoded` (pixels, monochrome1) (raises as `picture` does); remembered
+    for the process, so a second caller does not run the detector again."""
+    from . import detection
+
+    key = (loaded.version.pk, instance.pk)
+    with _detected_lock:
+        if key in _DETECTED:
+            _DETECTED.move_to_end(key)
+            return _DETECTED[key]
+    pixels, monochrome1 = decoded if decoded is not None else picture(instance)
+    boxes = detection.detect(loaded.module, loaded.meta, pixels, monochrome1=monochrome1)
+    with _detected_lock:
+        _DETECTED[key] = boxes
+        while len(_DETECTED) > _DETECTED_MAX:
+            _DETECTED.popitem(last=False)
+    return boxes
 
 
 def cohort_images(cohort: Cohort, *, keep_long_side: int, progress: bool = True, instances=None) -> list[LabelledImage]:
@@ -266,7 +295,7 @@ def _active(kind: str):
         return None
 
 
-def _fits(loaded, task: str) -> bool:
+def fits(loaded, task: str) -> bool:
     """A model runs on images of the tasks it was trained on (a mammography detector
     has nothing to say about a chest film); a model that does not say runs on all."""
     tasks = (loaded.meta.training or {}).get("tasks") or []
@@ -362,7 +391,7 @@ def localise_study(*, study: Study):
             loaded
             for loaded in (detector, segmenter)
             if loaded is not None
-            and _fits(loaded, instance.triage_quality.task)
+            and fits(loaded, instance.triage_quality.task)
             and not LocalisationRun.objects.filter(instance=instance, model_version=loaded.version).exists()
         ]
         if not todo:
@@ -410,7 +439,7 @@ def evaluate_localisation(*, instances, out_dir: Path, progress: bool = False) -
     box. Writes froc.png (and localisation.json) into out_dir."""
     from tqdm import tqdm
 
-    from . import detection, segmentation
+    from . import segmentation
 
     detector, segmenter = _active(TriageModelVersion.Kind.DETECTOR), _active(TriageModelVersion.Kind.SEGMENTER)
     out_dir = Path(out_dir)
@@ -444,7 +473,7 @@ def evaluate_localisation(*, instances, out_dir: Path, progress: bool = False) -
             skipped += 1
             continue
         if detector is not None:
-            found = detection.detect(detector.module, detector.meta, pixels, monochrome1=monochrome1)
+            found = detect_instance(detector, instance, (pixels, monochrome1))
             cases.append(metrics.ImageCase([(b.score, b.box) for b in found], [tuple(b) for b in entry["boxes"]]))
         if segmenter is not None:
             predicted = segmentation.predict(segmenter.module, segmenter.meta, pixels, monochrome1=monochrome1)

@@ -279,9 +279,8 @@ def detector_image_scores(*, loaded, instances: Sequence[Instance], progress: bo
     image it could run on. Where this version has run on arrival (a LocalisationRun)
     its stored boxes are used, so calibration sees exactly the numbers triage saw;
     other images are run now (nothing stored: a read). Undecodable images are left out."""
-    from . import detection
     from .exam_score import detector_score
-    from .localisation import picture
+    from .localisation import detect_instance
 
     ids = [i.pk for i in instances]
     ran = set(
@@ -300,10 +299,9 @@ def detector_image_scores(*, loaded, instances: Sequence[Instance], progress: bo
             scores[instance.pk] = detector_score(stored.get(instance.pk, []))
             continue
         try:
-            pixels, monochrome1 = picture(instance)
+            boxes = detect_instance(loaded, instance)
         except Exception:  # as on arrival: an image that cannot be decoded is not scored
             continue
-        boxes = detection.detect(loaded.module, loaded.meta, pixels, monochrome1=monochrome1)
         scores[instance.pk] = detector_score(b.score for b in boxes)
     return scores
 
@@ -329,7 +327,8 @@ def study_detector_scores(*, study: Study, version: TriageModelVersion) -> dict[
 @dataclass
 class ExamScore:
     """One study of a labelled cohort: its labels (any image) and its scores under each
-    source the models given could make (`scores`: exam_score.study_scores per source)."""
+    source the models given could make (`scores`: exam_score.study_scores per source;
+    empty when no model could score the exam)."""
 
     study: Study
     patient_id: str
@@ -338,7 +337,8 @@ class ExamScore:
     p_abnormal: float | None  # the classifier's, None without one
     p_malignant: float | None
     p_detector: float | None  # the detector's best box, None without one
-    # (image, P(abnormal), P(malignant), detector's best box): None where that model is not given
+    # (image, P(abnormal), P(malignant), detector's best box) for every image a model
+    # scored: None where that model is not given or did not score the image
     images: list[tuple[LabelledImage, float | None, float | None, float | None]]
     scores: dict[str, dict[str, Any]]
 
@@ -357,60 +357,81 @@ class ExamScore:
 
 
 def cohort_exam_scores(*, cohort: Cohort, classifier=None, detector=None, progress: bool = False) -> list[ExamScore]:
-    """Score every labelled image of the cohort with the classifier and/or detector
+    """Score the labelled images of the cohort with the classifier and/or detector
     given (services.LoadedModel) and combine them per exam (study) the way triage does
     on arrival (classifier.combine, exam_score.study_scores), under every score source
-    the models given allow. An exam is kept when every given model scored one of its
-    images. Raises ValueError when the cohort has no labelled image that decodes."""
+    the models given allow.
+
+    Each model sees the images arrival would give it (services.model_sees: assessable
+    by the quality check, and of the model's task), so the caller must have checked the
+    cohort's images first (services.assess_cohort_images). Every labelled exam is
+    returned; one that no model could score (not assessable, not a mammogram for the
+    classifier, nothing decodes) has no `scores` and is counted by the caller as left
+    out, as triage leaves it `not_assessable` or `pending`. Raises ValueError when the
+    cohort has no labelled image."""
     from .classifier import ImageScore, combine
     from .exam_score import NEEDS, SOURCES, detector_score, study_scores
+    from .services import model_sees
 
     if classifier is None and detector is None:
         raise ValueError("no model to score with: a classifier or a detector must be active")
     labelled = labelled_images(cohort=cohort)
     if not labelled:
         raise ValueError(f"cohort {cohort.name!r} has no labelled images (no studies.Finding rows)")
-    instances = [item.instance for item in labelled]
-    cls = score_instances(module=classifier.module, instances=instances, progress=progress) if classifier else None
-    det = detector_image_scores(loaded=detector, instances=instances, progress=progress) if detector else None
-    by_study: dict[int, list[tuple[LabelledImage, float | None, float | None, float | None]]] = {}
+    verdicts = {q.instance_id: q for q in ImageQuality.objects.filter(instance__in=[i.instance for i in labelled])}
+
+    def seen_by(kind: str, loaded) -> list[Instance]:
+        return [i.instance for i in labelled if model_sees(kind, loaded, verdicts.get(i.instance.pk))]
+
+    cls = (
+        score_instances(module=classifier.module, instances=seen_by("classifier", classifier), progress=progress)
+        if classifier
+        else {}
+    )
+    det = (
+        detector_image_scores(loaded=detector, instances=seen_by("detector", detector), progress=progress)
+        if detector
+        else {}
+    )
+    by_study: dict[int, list[LabelledImage]] = {}
     for item in labelled:
-        pk = item.instance.pk
-        if (cls is not None and pk not in cls) or (det is not None and pk not in det):
-            continue
-        p_abnormal, p_malignant = cls[pk] if cls is not None else (None, None)
-        by_study.setdefault(item.instance.series.study_id, []).append(
-            (item, p_abnormal, p_malignant, det[pk] if det is not None else None)
-        )
-    if not by_study:
-        raise ValueError(f"none of the labelled images of cohort {cohort.name!r} could be decoded")
+        by_study.setdefault(item.instance.series.study_id, []).append(item)
     given = {"classifier": classifier is not None, "detector": detector is not None}
     available = [source for source in SOURCES if all(given[kind] for kind in NEEDS[source])]
     exams = []
-    for images in by_study.values():
+    for items in by_study.values():
+        scored = [item for item in items if item.instance.pk in cls]
         combined = (
             combine(
-                [
-                    ImageScore(item.instance.sop_instance_uid, item.instance.laterality, pa, pm)
-                    for item, pa, pm, _pd in images
-                ]
+                [ImageScore(i.instance.sop_instance_uid, i.instance.laterality, *cls[i.instance.pk]) for i in scored]
             )
-            if classifier is not None
+            if scored
             else None
         )
-        detector_images = (
-            {item.instance.sop_instance_uid: pd for item, _pa, _pm, pd in images} if detector is not None else None
-        )
+        detector_images = {
+            i.instance.sop_instance_uid: det[i.instance.pk] for i in items if i.instance.pk in det
+        } or None
         scores = {
-            source: study_scores(source, classifier=combined, detector_images=detector_images) for source in available
+            source: value
+            for source in available
+            if (value := study_scores(source, classifier=combined, detector_images=detector_images)) is not None
         }
-        labels_malignant = [item.malignant for item, *_ in images]
-        study = images[0][0].instance.series.study
+        images = [
+            (
+                item,
+                *(cls.get(item.instance.pk) or (None, None)),
+                det.get(item.instance.pk),
+            )
+            for item in items
+            if item.instance.pk in cls or item.instance.pk in det
+        ]
+        labels_malignant = [item.malignant for item in items]
+        study = items[0].instance.series.study
         exams.append(
             ExamScore(
                 study=study,
                 patient_id=study.patient.patient_id,
-                abnormal=int(any(item.abnormal for item, *_ in images)),
+                abnormal=int(any(item.abnormal for item in items)),
                 malignant=1 if 1 in labels_malignant else 0 if 0 in labels_malignant else -1,
                 p_abnormal=combined["exam"]["p_abnormal"] if combined else None,
                 p_malignant=combined["exam"]["p_malignant"] if combined else None,
@@ -420,6 +441,11 @@ def cohort_exam_scores(*, cohort: Cohort, classifier=None, detector=None, progre
             )
         )
     return exams
+
+
+def scored_exams(exams: Sequence[ExamScore], source: str) -> list[ExamScore]:
+    """The exams with a score under `source` (the others triage could not score)."""
+    return [e for e in exams if source in e.scores]
 
 
 def operating_points() -> QuerySet[OperatingPoint]:

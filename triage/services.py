@@ -37,6 +37,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
+from tqdm.auto import tqdm
 
 from precedent.tasks import enqueue, job
 from studies.errors import RenderError
@@ -164,6 +165,18 @@ def assess_study_images(study: Study, *, recheck: bool = False) -> list[ImageQua
         update_fields=["assessable", "task", "reasons", "metrics", "checked_at"],
     )
     return list(ImageQuality.objects.filter(instance__series__study=study).order_by("instance_id"))
+
+
+def assess_cohort_images(cohort: Cohort, *, progress: bool = False) -> int:
+    """Check the images of the cohort's studies that have no quality verdict yet, as
+    arrival would, so that calibration and evaluation score the images triage scores.
+    Returns how many studies needed it."""
+    studies = list(
+        Study.objects.filter(cohorts=cohort, series__instances__triage_quality__isnull=True).distinct().order_by("pk")
+    )
+    for study in tqdm(studies, desc="quality", unit="study", disable=not progress or not studies):
+        assess_study_images(study)
+    return len(studies)
 
 
 # --- deciding the category (no database: plain values in, a Decision out) ------------------
@@ -526,6 +539,20 @@ def train_classifier(
 CLASSIFIER_TASK = "mammography"  # the quality task whose images the classifier scores
 
 
+def model_sees(kind: str, loaded: LoadedModel, verdict: ImageQuality | None) -> bool:
+    """Whether triage on arrival gives this image to the model: only assessable images,
+    the classifier only mammograms (classify_study), the detector and segmenter only
+    images of the tasks they were trained on (localisation). Calibration and evaluation
+    apply the same rule, so a threshold is never fitted on images triage never scores."""
+    if verdict is None or not verdict.assessable:
+        return False
+    if kind == TriageModelVersion.Kind.CLASSIFIER:
+        return verdict.task == CLASSIFIER_TASK
+    from .localisation import fits
+
+    return fits(loaded, verdict.task)
+
+
 def _train_classifier(
     *,
     cohort: Cohort,
@@ -669,12 +696,19 @@ def operating_point_compute(
     its source and model versions, not signed off. Raises ValueError with the reason
     (a model the source needs is not active, no labels, one class only)."""
     from . import metrics
-    from .selectors import cohort_exam_scores
+    from .selectors import cohort_exam_scores, scored_exams
 
     source = source or default_score_source()
     loaded = scoring_models(source)
     classifier, detector = loaded.get("classifier"), loaded.get("detector")
-    exams = cohort_exam_scores(cohort=cohort, classifier=classifier, detector=detector, progress=progress)
+    assess_cohort_images(cohort, progress=progress)
+    labelled = cohort_exam_scores(cohort=cohort, classifier=classifier, detector=detector, progress=progress)
+    exams = scored_exams(labelled, source)
+    if not exams:
+        raise ValueError(
+            f"none of the {len(labelled)} labelled exams of cohort {cohort.name!r} could be scored by the {source} "
+            "score: no image is assessable, of the model's task, and decodable"
+        )
     labels = [e.abnormal for e in exams]
     if len(set(labels)) < 2:
         raise ValueError(f"cohort {cohort.name!r} needs normal and abnormal exams to calibrate, has one class only")
@@ -685,6 +719,9 @@ def operating_point_compute(
         "target_sensitivity": target_sensitivity,
         "score_source": source,
         "exams": len(exams),
+        # Labelled exams triage could not score either (not assessable, no image of the
+        # model's task): they never reach the threshold, so they are not in the curve.
+        "left_out_exams": len(labelled) - len(exams),
         "abnormal_exams": sum(labels),
         "normal_exams": len(labels) - sum(labels),
         "patients": len(patients),

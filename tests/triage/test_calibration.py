@@ -4,6 +4,7 @@ on arrival with a signed-off operating point."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,40 @@ def test_a_point_without_validation_cannot_be_signed_off_on_the_page(client, adm
     assert response.status_code == 409
     point.refresh_from_db()
     assert point.signed_off_at is None
+
+
+def test_calibration_scores_only_the_images_triage_scores_on_arrival(
+    datasets: Path, mammogram, ingest, active_classifier
+) -> None:
+    """A labelled chest film and a blank mammogram in the validation cohort: triage on
+    arrival gives neither to the mammography classifier (a chest film is not its task,
+    the blank film is not assessable), so calibration must not fit its threshold on
+    them either. They are counted as left out, and evaluate_triage says so too."""
+    import numpy as np
+
+    from studies.models import Finding
+    from studies.services import cohort_add_studies
+
+    import_tiny_cohort(datasets)
+    run("import_dataset", "nih-cxr", str(datasets / "nih-chestxray14-bbox"), "--limit", "1", "--cohort", "tiny")
+    blank = ingest(mammogram(np.zeros((512, 400), dtype=np.uint16), patient_id="BLANK-1"))
+    Finding.objects.create(instance=blank, pathology="normal", source=Finding.Source.DATASET)
+    tiny = Cohort.objects.get(name="tiny")
+    cohort_add_studies(name="tiny", studies=[blank.series.study])
+    assert tiny.studies.count() == 6
+
+    run("calibrate_triage", "--cohort", "tiny")
+    validation = OperatingPoint.objects.get().validation
+    assert validation["exams"] == 4 and validation["abnormal_exams"] == 2
+    assert validation["left_out_exams"] == 2
+    chest = services.ImageQuality.objects.exclude(instance__series__modality="MG").get()
+    assert chest.task == "chest" and chest.assessable
+    blank.refresh_from_db()
+    assert not blank.triage_quality.assessable
+
+    report = run("evaluate_triage", "--cohort", "tiny", "--json")
+    result = json.loads(report)
+    assert result["exams"] == 4 and result["left_out_exams"] == 2
+    assert result["by_source"]["classifier"]["exams"] == 4
+    text = run("evaluate_triage", "--cohort", "tiny")
+    assert "left out: 2 labelled exams" in text

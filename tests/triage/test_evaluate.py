@@ -148,13 +148,24 @@ def test_evaluate_bad_input(datasets: Path, mammogram, ingest) -> None:
 
 @pytest.mark.django_db
 def test_evaluate_reports_froc_and_dice_of_the_active_detector_and_segmenter(
-    datasets: Path, active_classifier, tmp_path: Path
+    datasets: Path, active_classifier, tmp_path: Path, monkeypatch
 ) -> None:
     from tests.triage.test_localise import register_tiny_models
+    from triage import detection
 
     import_tiny_cohort(datasets)
     register_tiny_models()
+    # The detector scores the exams and then gives the FROC: one run per image serves both.
+    calls = []
+    real_detect = detection.detect
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real_detect(*args, **kwargs)
+
+    monkeypatch.setattr(detection, "detect", counted)
     result = json.loads(run("--cohort", "tiny", "--json", "--out", str(tmp_path / "eval")))
+    assert len(calls) == result["image_level"]["images"] == 8
     assert set(result["froc"]) == {"0.5", "1", "2"}
     assert all(0.0 <= value <= 1.0 for value in result["froc"].values())
     assert 0.0 <= result["dice_mean"] <= 1.0

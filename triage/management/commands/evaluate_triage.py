@@ -71,23 +71,29 @@ class Command(BaseCommand):
                     " --activate"
                 )
         classifier, detector = loaded["classifier"], loaded["detector"]
+        progress = options["verbosity"] > 0 and not options["json"]
         try:
-            exams = selectors.cohort_exam_scores(
-                cohort=cohort,
-                classifier=classifier,
-                detector=detector,
-                progress=options["verbosity"] > 0 and not options["json"],
+            # The images triage would score: checked for quality first, as on arrival.
+            services.assess_cohort_images(cohort, progress=progress)
+            labelled = selectors.cohort_exam_scores(
+                cohort=cohort, classifier=classifier, detector=detector, progress=progress
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
+        exams = selectors.scored_exams(labelled, source)
+        if not exams:
+            raise CommandError(
+                f"none of the {len(labelled)} labelled exams of cohort {cohort.name!r} could be scored by the {source} "
+                "score: no image is assessable, of the model's task, and decodable"
+            )
 
         exam_abnormal = [e.abnormal for e in exams]
         exam_scores = [e.score(source) for e in exams]
-        images = [(e, image) for e in exams for image in e.images]
+        images = [(e, image) for e in exams for image in e.images if _has_image_score(e, source, image)]
         image_abnormal = [image[0].abnormal for _e, image in images]
         if classifier is not None:
-            lesion_exams = [e for e in exams if e.malignant in (0, 1)]
-            lesion_images = [image for _e, image in images if image[0].malignant in (0, 1)]
+            lesion_exams = [e for e in exams if e.malignant in (0, 1) and e.p_malignant is not None]
+            lesion_images = [image for _e, image in images if image[0].malignant in (0, 1) and image[2] is not None]
             auc_malignant = metrics.auc([e.malignant for e in lesion_exams], [e.p_malignant for e in lesion_exams])
             image_auc_malignant = metrics.auc([i[0].malignant for i in lesion_images], [i[2] for i in lesion_images])
         else:  # benign vs malignant is the classifier's second output; the detector's classes are lesion types
@@ -113,14 +119,7 @@ class Command(BaseCommand):
             },
             # Every score the active models allow, for comparison (the point's is the one above).
             "by_source": {
-                other: {
-                    "auc_abnormal": metrics.auc(exam_abnormal, [e.score(other) for e in exams]),
-                    "rule_out_at_full_sensitivity": metrics.rule_out_at_full_sensitivity(
-                        exam_abnormal, [e.score(other) for e in exams]
-                    ),
-                }
-                for other in SOURCES
-                if other in exams[0].scores
+                other: _source_figures(labelled, other) for other in SOURCES if selectors.scored_exams(labelled, other)
             },
             "image_level": {
                 "auc_abnormal": metrics.auc(image_abnormal, [e.image_score(source, image) for e, image in images]),
@@ -128,6 +127,9 @@ class Command(BaseCommand):
                 "images": len(images),
             },
             "exams": len(exams),
+            # Labelled exams triage could not score under this source either (no image
+            # assessable and of the model's task): left out of every figure above.
+            "left_out_exams": len(labelled) - len(exams),
             "abnormal_exams": sum(exam_abnormal),
             "patients": len({e.patient_id for e in exams}),
             "classifier": classifier.version.name if classifier else None,
@@ -160,7 +162,13 @@ class Command(BaseCommand):
         self.stdout.write(
             f"{cohort.name}: {result['exams']} exams of {result['patients']} patients ({result['abnormal_exams']} "
             f"abnormal), {models}\n"
-            f"score: {LABELS[source]}{whose}\n"
+            + (
+                f"left out: {result['left_out_exams']} labelled exams the {source} score cannot score "
+                "(not assessable, or no image of the model's task)\n"
+                if result["left_out_exams"]
+                else ""
+            )
+            + f"score: {LABELS[source]}{whose}\n"
             f"AUC normal vs abnormal {_fmt(result['auc_abnormal'])}{_interval(result['auc_abnormal_ci95'])} (exam), "
             f"{_fmt(result['image_level']['auc_abnormal'])} (image)\n"
             f"AUC benign vs malignant {_fmt(result['auc_malignant'])} (exam), "
@@ -188,6 +196,26 @@ class Command(BaseCommand):
         out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="precedent-froc-"))
         report = services.evaluate_localisation(instances=Instance.objects.filter(pk__in=ids), out_dir=out_dir)
         return {"froc": report.get("froc"), "dice_mean": report.get("dice_mean"), "froc_png": report.get("froc_png")}
+
+
+def _has_image_score(exam, source: str, image) -> bool:
+    try:
+        exam.image_score(source, image)
+    except KeyError:
+        return False
+    return True
+
+
+def _source_figures(labelled, source: str) -> dict[str, Any]:
+    """Exam AUC and rule-out under one score source, over the exams it can score."""
+    exams = selectors.scored_exams(labelled, source)
+    abnormal = [e.abnormal for e in exams]
+    scores = [e.score(source) for e in exams]
+    return {
+        "auc_abnormal": metrics.auc(abnormal, scores),
+        "rule_out_at_full_sensitivity": metrics.rule_out_at_full_sensitivity(abnormal, scores),
+        "exams": len(exams),
+    }
 
 
 def _fmt(value: float | None) -> str:
