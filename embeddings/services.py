@@ -295,7 +295,7 @@ class EmbedReport:
     failed: dict[int, str] = field(default_factory=dict)  # instance id → reason
 
 
-@job("embeddings.embed_instances", merge="instance_ids")
+@job("embeddings.embed_instances", merge="instance_ids", settle=lambda: settings.PRECEDENT_EMBED_SETTLE_SECONDS)
 def embed_instances(*, instance_ids: list[int]) -> list[EmbedReport]:
     """Embed these instances (whole image and finding boxes) with every encoder that
     embeds new images. Idempotent: what is embedded already is skipped."""

@@ -175,3 +175,14 @@ def test_a_settling_job_waits_for_quiet(worker):
     assert worker.wait_idle(timeout=30)
     assert len(ran) == 1
     assert ran[0]["at"] - start >= 0.6 + 0.4 - 0.05
+
+
+def test_embedding_of_new_images_waits_for_the_burst_to_settle(settings) -> None:
+    """Stored images are embedded in one batch once arrivals pause, not one job per
+    image beside each request (the setting is read when the job is queued)."""
+    import embeddings.services  # noqa: F401  (registers the job)
+
+    settings.PRECEDENT_EMBED_SETTLE_SECONDS = 0.25
+    assert tasks.settle_seconds("embeddings.embed_instances") == 0.25
+    settings.PRECEDENT_EMBED_SETTLE_SECONDS = 0
+    assert tasks.settle_seconds("embeddings.embed_instances") == 0

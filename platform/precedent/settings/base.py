@@ -169,6 +169,10 @@ if PRECEDENT_INDEX_TYPE not in {"auto", "flat", "hnsw", "ivf"}:
 PRECEDENT_INDEX_APPROX_THRESHOLD = env_int("PRECEDENT_INDEX_APPROX_THRESHOLD", 20_000, minimum=0)
 # How often a process checks PostgreSQL for embeddings other processes added or deleted.
 PRECEDENT_INDEX_SYNC_SECONDS = env_float("PRECEDENT_INDEX_SYNC_SECONDS", 1.0, minimum=0)
+# New images are embedded once no new image has arrived for this many seconds (at most
+# ten times that after the first), in batches, rather than one job per stored image
+# beside the request that stored it. 0 embeds after every stored image.
+PRECEDENT_EMBED_SETTLE_SECONDS = env_float("PRECEDENT_EMBED_SETTLE_SECONDS", 1.0, minimum=0)
 
 # Triage: finding classes that make a study urgent ("pathology:class", * = any; a bare
 # class = any pathology), the triage tasks images are checked for, and the share of
