@@ -1,7 +1,8 @@
 """Content-addressed file store for DICOM files (no Django).
 
 A file is first spooled to a temporary file under the store while its SHA-256 is
-computed (and synced to disk in the background), then validated, then moved to
+computed (the dataset's own hash and the sync to disk follow in the background), then
+validated, then moved to
 `dicom/<aa>/<bb>/<sha256>.dcm` with an atomic rename once the sync is done. The same
 bytes always land on the same path, so storing twice is harmless and a half-written
 file never appears under its final name.
@@ -9,6 +10,7 @@ file never appears under its final name.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -25,8 +27,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 # The File Meta of a Part 10 file ends within this many bytes (it is a few hundred).
 META_WINDOW = 64 * 1024
 
-# fsync releases the GIL: a spooled file is synced on this pool while the caller parses
-# and validates it, and `commit` waits for the sync before the file gets its name.
+# hashlib and fsync release the GIL: a spooled file's dataset hash and its sync run on
+# this pool while the caller parses and validates it; `commit` waits for the sync
+# before the file gets its name.
 _SYNC_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="precedent-fsync")
 
 
@@ -36,6 +39,17 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _dataset_sha256(path: str) -> str:
+    """The SHA-256 of what follows the File Meta, re-read from the page cache."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        head = fh.read(META_WINDOW)
+        digest.update(memoryview(head)[dataset_offset(head) :])
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -50,8 +64,12 @@ class Spooled:
     path: Path
     sha256: str
     size: int
-    dataset_sha256: str
-    synced: Future | None = None  # the fsync under way, when the store syncs
+    dataset: Future[str]  # the dataset hash, computed on the pool
+    synced: Future[None] | None = None  # the fsync under way, when the store syncs
+
+    @property
+    def dataset_sha256(self) -> str:
+        return self.dataset.result()
 
     def wait_synced(self) -> None:
         """Block until the file's bytes are on disk (re-raises the fsync's error)."""
@@ -59,6 +77,12 @@ class Spooled:
             self.synced.result()
 
     def discard(self) -> None:
+        """Remove the temp file once the pool is done with it: its dataset hash stays
+        readable (a duplicate is recognised by it after the file is dropped)."""
+        for task in (self.dataset, self.synced):
+            if task is not None:
+                with contextlib.suppress(Exception):
+                    task.result()
         self.path.unlink(missing_ok=True)
 
 
@@ -117,8 +141,7 @@ class DicomStore:
                 opened.close()
 
     def _copy(self, stream: BinaryIO, first: bytes, max_bytes: int | None) -> Spooled:
-        digest, dataset_digest = hashlib.sha256(), hashlib.sha256()
-        head: bytearray | None = bytearray()  # held until the File Meta's end is known
+        digest = hashlib.sha256()
         fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         size = 0
         try:
@@ -131,21 +154,12 @@ class DicomStore:
                             raise TooLarge(f"file is larger than the upload limit of {max_bytes} bytes")
                         digest.update(chunk)
                         out.write(chunk)
-                        if head is None:
-                            dataset_digest.update(chunk)
-                        else:
-                            head += chunk
-                            if len(head) >= META_WINDOW:
-                                dataset_digest.update(head[dataset_offset(head) :])
-                                head = None
                     try:
                         chunk = stream.read(CHUNK)
                     except (OSError, EOFError) as exc:  # corrupt gzip stream
                         raise NotDicom(f"cannot read the file: {exc}") from None
                     if not chunk:
                         break
-                if head is not None:
-                    dataset_digest.update(head[dataset_offset(head) :])
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
@@ -153,8 +167,9 @@ class DicomStore:
             path=Path(name),
             sha256=digest.hexdigest(),
             size=size,
-            dataset_sha256=dataset_digest.hexdigest(),
+            # Side by side on the pool (both release the GIL) while the caller parses.
             synced=_SYNC_POOL.submit(_fsync_path, name) if self.fsync else None,
+            dataset=_SYNC_POOL.submit(_dataset_sha256, name),
         )
 
     @staticmethod
@@ -177,6 +192,7 @@ class DicomStore:
             return relative, False
         target.parent.mkdir(parents=True, exist_ok=True)
         spooled.wait_synced()  # never a name on bytes that are not on disk yet
+        spooled.dataset.result()  # and the hash reads the file under its temp name
         os.replace(spooled.path, target)
         if self.fsync:
             dir_fd = os.open(target.parent, os.O_RDONLY)

@@ -191,3 +191,30 @@ def test_nul_padding_never_reaches_the_database(dicom_files: Path, tmp_path: Pat
     ds.save_as(target, enforce_file_format=True)
     _, h = dicom.read_header(target)
     assert h.study_description == "HEAD"
+
+
+def test_a_dropped_spool_keeps_its_dataset_hash(dicom_files: Path, tmp_path: Path):
+    """A duplicate's temp file is dropped at once, but its dataset hash (computed on the
+    store's pool) is what recognises it: dropping must not lose it, even when the pool
+    had not started on it yet."""
+    import threading
+
+    from studies import storage
+
+    store = DicomStore(tmp_path, fsync=False)
+    source = dicom_files / TF / "CT_small.dcm"
+    expected = store.spool(source)
+    release = threading.Event()
+    busy = [storage._SYNC_POOL.submit(release.wait) for _ in range(2)]  # the pool's two threads
+    try:
+        spooled = store.spool(source)
+        assert not spooled.dataset.done()
+        dropper = threading.Thread(target=spooled.discard)
+        dropper.start()
+    finally:
+        release.set()
+    dropper.join(10)
+    assert all(b.result() for b in busy)
+    assert not spooled.path.exists()
+    assert spooled.dataset_sha256 == expected.dataset_sha256 != expected.sha256
+    expected.discard()
