@@ -322,6 +322,42 @@ class LabelledImage:
     patient_id: int
 
 
+@dataclass
+class LabelledRegion:
+    """One finding box of a cohort image, the query unit of "similar lesions"."""
+
+    finding: Finding
+    label: str
+    patient_id: int
+
+
+REGION_LABELS = ("pathology", "abnormality_class")
+
+
+def cohort_regions(cohort: str, label: str) -> list[LabelledRegion]:
+    """The finding boxes of the cohort's images, each labelled by its own finding:
+    its pathology (benign, malignant, unknown) or its abnormality class."""
+    if label not in REGION_LABELS:
+        raise ValueError(f"a region's label is one of {', '.join(REGION_LABELS)} (every region is a lesion)")
+    findings = (
+        Finding.objects.filter(
+            instance__in=Instance.objects.images().filter(series__study__cohorts__name=cohort),
+            x0__isnull=False,
+        )
+        .exclude(pathology=Finding.Pathology.NORMAL)
+        .select_related("instance__series__study")
+        .order_by("pk")
+    )
+    return [
+        LabelledRegion(
+            f,
+            f.pathology if label == "pathology" else (f.abnormality_class or "unclassified"),
+            f.instance.series.study.patient_id,
+        )
+        for f in findings
+    ]
+
+
 def cohort_images(cohort: str, label: str = "abnormal") -> list[LabelledImage]:
     """The cohort's images with pixels, each with its label and its patient."""
     instances = (

@@ -60,6 +60,21 @@ def test_train_activate_embed_evaluate(cohort):
     table = run("evaluate_retrieval", "--cohort", cohort, "--label", "abnormality_class")
     assert "raw-pixels baseline" in table and "P@5" in table and "chance: random vectors (50 draws)" in table
 
+    # Similar lesions: every finding box queries the lesion index (the CSV's 8 boxes
+    # of these 16 films: 7 circumscribed masses and 1 ill-defined, all benign).
+    regions = json.loads(
+        run("evaluate_retrieval", "--cohort", cohort, "--level", "region", "--label", "abnormality_class", "--json")
+    )
+    assert regions["level"] == "region" and regions["images"] == 8
+    assert regions["label_counts"] == {"CIRC": 7, "MISC": 1}
+    assert regions["recall_at_10_vs_exact"] == pytest.approx(1.0)
+    assert 0 <= regions["precision_at"]["1"] <= 1 and "baseline" in regions
+    assert "8 labelled finding boxes (lesion index)" in run(
+        "evaluate_retrieval", "--cohort", cohort, "--level", "region", "--label", "pathology"
+    )
+    with pytest.raises(CommandError, match="--level region needs --label pathology or abnormality_class"):
+        run("evaluate_retrieval", "--cohort", cohort, "--level", "region")
+
 
 def _change_of_mind(version: EncoderVersion) -> None:
     """One radiologist marks a result not relevant, then relevant: one verdict counts."""

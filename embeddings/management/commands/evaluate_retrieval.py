@@ -1,4 +1,4 @@
-"""python manage.py evaluate_retrieval --cohort NAME --label L --k 1 5 10 [--json]."""
+"""python manage.py evaluate_retrieval --cohort NAME --label L [--level image|region] --k 1 5 10 [--json]."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from embeddings import services  # isort: skip - imports faiss before torch
 from embeddings import encoder as enc
 from embeddings.metrics import chance_metrics, recall_at_k, retrieval_metrics
 from embeddings.models import Embedding, EncoderVersion, SearchFeedback
-from embeddings.selectors import LABELS, cohort_images
+from embeddings.selectors import LABELS, REGION_LABELS, cohort_images, cohort_regions
 from studies.errors import RenderError
 from studies.models import Cohort, Instance
 
@@ -26,12 +26,20 @@ CHANCE_SEEDS, CHANCE_SEEDS_LARGE, CHANCE_LARGE = 50, 5, 2000
 class Command(BaseCommand):
     help = (
         "Retrieval quality on a labelled cohort: precision@k and mAP (same-patient hits excluded) for the encoder "
-        "and for a raw-pixels baseline, recall@10 of the live index against exact search, and search feedback."
+        "and for a raw-pixels baseline, recall@10 of the live index against exact search, and search feedback. "
+        "--level region asks the same of the lesion index: each finding box queries the other boxes."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--cohort", required=True)
         parser.add_argument("--label", choices=LABELS, default="abnormal")
+        parser.add_argument(
+            "--level",
+            choices=("image", "region"),
+            default="image",
+            help="image: whole images query the image index; region: finding boxes query the lesion index "
+            f"(labels {', '.join(REGION_LABELS)})",
+        )
         parser.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
         parser.add_argument("--encoder", default="", help="encoder version (default: the active one)")
         parser.add_argument("--no-baseline", action="store_true", help="skip the raw-pixels baseline")
@@ -51,20 +59,32 @@ class Command(BaseCommand):
             raise CommandError("--k values must be positive")
         if options["chance_seeds"] is not None and options["chance_seeds"] < 0:
             raise CommandError("--chance-seeds must be 0 or more")
+        region = options["level"] == "region"
+        if region and options["label"] not in REGION_LABELS:
+            raise CommandError(f"--level region needs --label {' or '.join(REGION_LABELS)} (every region is a lesion)")
         encoder = self._encoder(options["encoder"])
-        items = [item for item in cohort_images(options["cohort"], options["label"]) if item.label is not None]
+        if region:
+            items = cohort_regions(options["cohort"], options["label"])
+        else:
+            items = [item for item in cohort_images(options["cohort"], options["label"]) if item.label is not None]
+        unit = "finding boxes" if region else "images"
         if len(items) < 2:
-            raise CommandError(f"cohort {options['cohort']!r} has {len(items)} labelled images; need at least 2")
+            raise CommandError(f"cohort {options['cohort']!r} has {len(items)} labelled {unit}; need at least 2")
 
-        services.embed_pending(
-            encoder=encoder, instances=Instance.objects.filter(pk__in=[i.instance.pk for i in items])
-        )
-        stored = {
-            e.instance_id: e.as_array()
-            for e in Embedding.objects.filter(encoder=encoder, kind="image", instance__in=[i.instance for i in items])
-        }
-        items = [item for item in items if item.instance.pk in stored]
-        vectors = np.stack([stored[item.instance.pk] for item in items])
+        instance_ids = {_instance(item).pk for item in items}
+        services.embed_pending(encoder=encoder, instances=Instance.objects.filter(pk__in=instance_ids))
+        if region:
+            regions = Embedding.objects.filter(encoder=encoder, kind="region", finding__in=[i.finding for i in items])
+            stored = {e.finding_id: e.as_array() for e in regions}
+            items = [item for item in items if item.finding.pk in stored]
+            vectors = np.stack([stored[item.finding.pk] for item in items])
+        else:
+            stored = {
+                e.instance_id: e.as_array()
+                for e in Embedding.objects.filter(encoder=encoder, kind="image", instance__in=instance_ids)
+            }
+            items = [item for item in items if item.instance.pk in stored]
+            vectors = np.stack([stored[item.instance.pk] for item in items])
         labels = [item.label for item in items]
         groups = [item.patient_id for item in items]
         ks = sorted(set(options["k"]))
@@ -72,12 +92,14 @@ class Command(BaseCommand):
         result: dict[str, Any] = {
             "cohort": options["cohort"],
             "label": options["label"],
+            "level": options["level"],
             "encoder": encoder.name,
+            # Queries: images, or finding boxes with --level region.
             "images": len(items),
             "patients": len(set(groups)),
             "label_counts": {str(k): v for k, v in sorted(_counts(labels).items())},
             **_metrics(vectors, labels, groups, ks),
-            "recall_at_10_vs_exact": self._index_recall(encoder, vectors),
+            "recall_at_10_vs_exact": self._index_recall(encoder, vectors, "region" if region else "image"),
         }
         if not options["no_baseline"]:
             raw = self._raw_pixel_vectors(items, encoder, quiet=options["json"] or options["verbosity"] == 0)
@@ -105,9 +127,9 @@ class Command(BaseCommand):
             raise CommandError("no active encoder: train one with train_encoder, or name one with --encoder")
         return encoder
 
-    def _index_recall(self, encoder: EncoderVersion, queries: np.ndarray) -> float:
+    def _index_recall(self, encoder: EncoderVersion, queries: np.ndarray, kind: str) -> float:
         """The live index's top 10 against exact search over the same vectors."""
-        index = services.serving_index(encoder, "image")
+        index = services.serving_index(encoder, kind)
         ids, vectors = index.get_vectors(index.ids())
         k = min(10, len(ids))
         _, approx = index.search(queries, k)
@@ -120,16 +142,19 @@ class Command(BaseCommand):
         baseline = enc.build_encoder("raw-pixels", dim=min(encoder.dim, 1024), preprocessing=meta.preprocessing)
         tensors = []
         for item in tqdm(items, desc="raw-pixels baseline", unit="img", disable=quiet):
+            instance = _instance(item)
             try:
-                picture = services.instance_picture(item.instance, services.representative_frame(item.instance))
+                picture = services.instance_picture(instance, services.representative_frame(instance))
             except RenderError as exc:
-                raise CommandError(f"{item.instance.sop_instance_uid}: {exc}") from None
-            tensors.append(enc.preprocess(picture.pixels, meta.preprocessing, monochrome1=picture.monochrome1))
+                raise CommandError(f"{instance.sop_instance_uid}: {exc}") from None
+            box = tuple(item.finding.box) if hasattr(item, "finding") else None
+            tensors.append(enc.preprocess(picture.pixels, meta.preprocessing, box, monochrome1=picture.monochrome1))
         return enc.embed_batch(baseline, tensors, "cpu")
 
     def _table(self, result: dict[str, Any], ks: list[int]) -> None:
+        unit = "finding boxes (lesion index)" if result["level"] == "region" else "images"
         self.stdout.write(
-            f"cohort {result['cohort']}: {result['images']} labelled images of {result['patients']} patients; "
+            f"cohort {result['cohort']}: {result['images']} labelled {unit} of {result['patients']} patients; "
             f"label {result['label']}: {result['label_counts']}"
         )
         header = "encoder".ljust(40) + "".join(f"P@{k}".rjust(8) for k in ks) + "mAP".rjust(8)
@@ -149,6 +174,10 @@ class Command(BaseCommand):
         fb = result["feedback"]
         if fb["count"]:
             self.stdout.write(f"search feedback: {fb['count']} verdicts, {fb['relevant_share']:.0%} relevant")
+
+
+def _instance(item) -> Instance:
+    return item.finding.instance if hasattr(item, "finding") else item.instance
 
 
 def _metrics(vectors: np.ndarray, labels, groups, ks) -> dict[str, Any]:
