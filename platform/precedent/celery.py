@@ -1,7 +1,8 @@
 """Celery app, used only when CELERY_BROKER_URL is set: `celery -A precedent worker`.
 
-There is one task: it runs a job registered with `precedent.tasks.job`, so Celery and
-the in-process worker call the very same service functions.
+Two tasks: one runs a job registered with `precedent.tasks.job`, so Celery and the
+in-process worker call the very same service functions; the other runs such a job
+once the equal jobs that joined it have settled (precedent.tasks.run_waiting_job).
 """
 
 from __future__ import annotations
@@ -22,3 +23,10 @@ def run_job(name: str, kwargs: dict) -> None:
     from precedent.tasks import run_job as run
 
     run(name, kwargs)
+
+
+@app.task(name="precedent.run_waiting_job", acks_late=True)
+def run_waiting_job(job_id: int) -> str:
+    from precedent.tasks import run_waiting_job as run
+
+    return run(job_id)

@@ -6,7 +6,8 @@ runs it later, after the current transaction commits, on:
 - the in-process worker (default, nothing to start): one daemon thread per process
   that takes jobs from a queue, each with its own database connection;
 - Celery, when CELERY_BROKER_URL is set: the job is sent as a task that calls the
-  same function in a `celery -A precedent worker` process;
+  same function in a `celery -A precedent worker` process (jobs that merge or settle
+  wait in a PostgreSQL row first, see below);
 - inline, when PRECEDENT_WORKER=inline (tests, one-off commands): right away, in the
   caller's thread, once the transaction commits.
 
@@ -20,6 +21,11 @@ match. A job registered with `settle` also waits for a quiet spell (no equal job
 queued for that many seconds). An ingest of a 200-image series therefore costs one
 triage run and a few embedding batches, not 200 of each. A job that has started is
 never joined: work that arrives while it runs gets a run of its own.
+
+With Celery the same rules hold across processes: a job that merges or settles is
+kept as a `WaitingJob` row (equal jobs join it in one upsert) and one Celery task is
+sent for it, which runs it once it is due (re-sending itself while arrivals keep
+pushing it back). Jobs without merge or settle go to Celery directly.
 """
 
 from __future__ import annotations
@@ -92,7 +98,10 @@ def _dispatch(name: str, kwargs: dict[str, Any]) -> None:
     elif mode == "celery":
         from precedent.celery import app
 
-        app.send_task("precedent.run_job", args=[name, kwargs], countdown=settle_seconds(name) or None)
+        if name in _MERGE or name in _SETTLE:
+            _celery_wait(name, kwargs)
+        else:
+            app.send_task("precedent.run_job", args=[name, kwargs])
     else:
         _worker().submit(name, kwargs)
 
@@ -113,6 +122,84 @@ def _coalesce_key(name: str, kwargs: dict[str, Any]) -> str:
     merged = _MERGE.get(name)
     rest = {k: v for k, v in kwargs.items() if k != merged}
     return name + json.dumps(rest, sort_keys=True, default=str)
+
+
+# --- Celery: waiting jobs in PostgreSQL -------------------------------------------------
+
+_JOIN_SQL = """
+INSERT INTO precedent_waitingjob (key, name, kwargs, ids, due, latest)
+VALUES (%(key)s, %(name)s, %(kwargs)s::jsonb, %(ids)s::bigint[],
+        now() + make_interval(secs => %(settle)s), now() + make_interval(secs => %(cap)s))
+ON CONFLICT (key) WHERE claimed_at IS NULL DO UPDATE SET
+    ids = ARRAY(SELECT DISTINCT unnest(precedent_waitingjob.ids || EXCLUDED.ids) ORDER BY 1),
+    due = LEAST(EXCLUDED.due, precedent_waitingjob.latest)
+RETURNING id, (xmax = 0) AS created
+"""
+
+
+def _celery_wait(name: str, kwargs: dict[str, Any]) -> None:
+    """Join the open WaitingJob of this key, or open one and send the task that runs it."""
+    from precedent.celery import app
+
+    from .models import WaitingJob
+
+    merged = _MERGE.get(name)
+    settle = settle_seconds(name)
+    rest = {k: v for k, v in kwargs.items() if k != merged}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _JOIN_SQL,
+            {
+                "key": _coalesce_key(name, kwargs),
+                "name": name,
+                "kwargs": json.dumps(rest),
+                "ids": [int(i) for i in kwargs[merged]] if merged else [],
+                "settle": settle,
+                "cap": settle * SETTLE_CAP_FACTOR,
+            },
+        )
+        job_id, created = cursor.fetchone()
+    if created:
+        try:
+            app.send_task("precedent.run_waiting_job", args=[job_id], countdown=settle or None)
+        except BaseException:
+            # No task will ever run this row: drop it, so the next equal job opens a new one.
+            WaitingJob.objects.filter(pk=job_id, claimed_at__isnull=True).delete()
+            raise
+
+
+def run_waiting_job(job_id: int) -> str:
+    """Run a WaitingJob once it is due (Celery's `precedent.run_waiting_job` calls this).
+
+    Returns what happened: "gone" (run by another delivery), "later" (arrivals pushed
+    it back: the task is sent again for the new due time) or "ran". A run that a
+    worker crash cut short leaves its claimed row, and the redelivered task runs it
+    again (jobs are idempotent).
+    """
+    from django.utils import timezone
+
+    from precedent.celery import app
+
+    from .models import WaitingJob
+
+    with transaction.atomic():
+        row = WaitingJob.objects.select_for_update(skip_locked=True).filter(pk=job_id).first()
+        if row is None:
+            return "gone"
+        now = timezone.now()
+        if row.claimed_at is None and row.due > now:
+            countdown = (row.due - now).total_seconds()
+        else:
+            countdown = None
+            row.claimed_at = now
+            row.save(update_fields=["claimed_at"])
+    if countdown is not None:
+        app.send_task("precedent.run_waiting_job", args=[job_id], countdown=countdown)
+        return "later"
+    merged = _MERGE.get(row.name)
+    run_job(row.name, {**row.kwargs, **({merged: list(row.ids)} if merged else {})})
+    WaitingJob.objects.filter(pk=job_id).delete()
+    return "ran"
 
 
 def settle_seconds(name: str) -> float:

@@ -186,3 +186,116 @@ def test_embedding_of_new_images_waits_for_the_burst_to_settle(settings) -> None
     assert tasks.settle_seconds("embeddings.embed_instances") == 0.25
     settings.PRECEDENT_EMBED_SETTLE_SECONDS = 0
     assert tasks.settle_seconds("embeddings.embed_instances") == 0
+
+
+# --- coalescing with Celery: waiting jobs in PostgreSQL --------------------------------
+
+
+@pytest.fixture
+def broker(settings):
+    """Celery on a real Redis broker (database 15); the test plays the worker."""
+    redis = pytest.importorskip("redis")
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/15")
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    client.flushdb()
+    from precedent.celery import app
+
+    app.conf.broker_url = "redis://127.0.0.1:6379/15"
+    settings.PRECEDENT_WORKER = "celery"
+    yield client
+    client.flushdb()
+
+
+def sent(client) -> list[tuple[str, list, bool]]:
+    """(task, args, has a countdown) of every message waiting in the broker, oldest first."""
+    import base64
+    import json
+
+    out = []
+    while (raw := client.rpop("celery")) is not None:
+        message = json.loads(raw)
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        out.append((message["headers"]["task"], args, message["headers"].get("eta") is not None))
+    return out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_celery_coalesces_equal_jobs_in_one_waiting_row(broker):
+    from precedent.celery import app
+    from precedent.models import WaitingJob
+
+    for ids in ([1], [2], [3, 1]):
+        tasks.enqueue("tests.batch", ids=ids)
+    tasks.enqueue("tests.batch", ids=[9], kind="b")  # other arguments: a job of its own
+    first, other = WaitingJob.objects.order_by("pk")
+    assert (first.ids, first.kwargs, other.ids, other.kwargs) == ([1, 2, 3], {}, [9], {"kind": "b"})
+    # One task per waiting job, not one per enqueue.
+    assert sent(broker) == [
+        ("precedent.run_waiting_job", [first.pk], False),
+        ("precedent.run_waiting_job", [other.pk], False),
+    ]
+    run = app.tasks["precedent.run_waiting_job"]
+    assert run(first.pk) == "ran" and run(other.pk) == "ran"
+    assert ran == [{"ids": [1, 2, 3], "kind": "a"}, {"ids": [9], "kind": "b"}]
+    assert not WaitingJob.objects.exists()
+    assert run(first.pk) == "gone"  # a second delivery of the same task runs nothing
+    assert len(ran) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_celery_runs_a_settling_job_once_arrivals_pause(broker):
+    import time
+
+    from precedent.models import WaitingJob
+
+    tasks.enqueue("tests.settle", study=7)
+    tasks.enqueue("tests.settle", study=7)
+    row = WaitingJob.objects.get()
+    assert sent(broker) == [("precedent.run_waiting_job", [row.pk], True)]  # after the settle time
+    # Delivered early (another arrival pushed it back): it sends itself again for later.
+    assert tasks.run_waiting_job(row.pk) == "later" and ran == []
+    assert sent(broker) == [("precedent.run_waiting_job", [row.pk], True)]
+    time.sleep(0.45)
+    assert tasks.run_waiting_job(row.pk) == "ran"
+    assert len(ran) == 1 and ran[0]["study"] == 7
+    # What arrives after the run started is a new waiting job with a task of its own.
+    tasks.enqueue("tests.settle", study=7)
+    assert WaitingJob.objects.get().pk != row.pk and len(sent(broker)) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claimed_job_is_run_again_after_a_crash_and_new_arrivals_wait_apart(broker):
+    from django.utils import timezone
+
+    from precedent.models import WaitingJob
+
+    tasks.enqueue("tests.batch", ids=[1])
+    row = WaitingJob.objects.get()
+    # A worker claimed it and died: the redelivered task runs it again.
+    WaitingJob.objects.filter(pk=row.pk).update(claimed_at=timezone.now())
+    tasks.enqueue("tests.batch", ids=[2])  # the claimed row is not joined
+    assert sorted(WaitingJob.objects.values_list("ids", flat=True)) == [[1], [2]]
+    sent(broker)
+    assert tasks.run_waiting_job(row.pk) == "ran"
+    assert ran == [{"ids": [1], "kind": "a"}]
+
+
+def test_every_model_of_ours_is_in_the_admin():
+    """Issue 2: the Django admin covers every model the platform defines."""
+    from django.apps import apps
+    from django.contrib import admin
+
+    ours = {"precedent", "studies", "embeddings", "triage", "dicomweb", "dimse", "exports", "access"}
+    inlined = {inline.model for model_admin in admin.site._registry.values() for inline in model_admin.inlines}
+    missing = [
+        m._meta.label
+        for m in apps.get_models()
+        if m._meta.app_label in ours
+        and not m._meta.auto_created
+        and not admin.site.is_registered(m)
+        and m not in inlined
+    ]
+    assert missing == []
