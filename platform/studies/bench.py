@@ -86,15 +86,18 @@ KINDS: dict[str, ImageKind] = {
 
 @dataclass(frozen=True)
 class BenchFile:
-    """One Part 10 file held in memory, so that reading it never enters the timing."""
+    """One Part 10 file held in memory, so that reading it never enters the timing;
+    or, made by `batches`, one multipart request body carrying `count` files."""
 
     name: str
     data: bytes
     sop_instance_uid: str
+    count: int = 1  # instances this request stores
+    dicom_bytes: int | None = None  # of DICOM files, when `data` is more than one file
 
     @property
     def size(self) -> int:
-        return len(self.data)
+        return len(self.data) if self.dicom_bytes is None else self.dicom_bytes
 
 
 def run_tag() -> str:
@@ -361,7 +364,7 @@ def run_timed(
                 elapsed = (time.perf_counter() - t0) * 1000
                 with lock:
                     if error is None:
-                        figures.instances += 1
+                        figures.instances += file.count
                         figures.bytes += file.size
                         figures.latencies_ms.append(elapsed)
                     else:
@@ -407,13 +410,59 @@ class MultipartUpload(HttpUpload):
 
     boundary: str = "precedent-bench-boundary-7d1f0c"
 
-    def parts(self, file: BenchFile) -> list[bytes]:
-        head = (
-            f"--{self.boundary}\r\n"
-            f'Content-Disposition: form-data; name="file"; filename="{file.name}"\r\n'
+    @staticmethod
+    def field_head(boundary: str, name: str) -> bytes:
+        return (
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="file"; filename="{name}"\r\n'
             "Content-Type: application/dicom\r\n\r\n"
         ).encode()
-        return [head, file.data, f"\r\n--{self.boundary}--\r\n".encode()]
+
+    def parts(self, file: BenchFile) -> list[bytes]:
+        return [self.field_head(self.boundary, file.name), file.data, f"\r\n--{self.boundary}--\r\n".encode()]
+
+
+def batches(files: Sequence[BenchFile], size: int) -> list[BenchFile]:
+    """Group files `size` at a time into multipart bodies (fields named `file`, as the
+    upload page sends them), built before the clock starts like the files themselves."""
+    boundary = MultipartUpload.boundary
+    out = []
+    for start in range(0, len(files), size):
+        group = files[start : start + size]
+        body = bytearray()
+        for file in group:
+            body += MultipartUpload.field_head(boundary, file.name)
+            body += file.data
+            body += b"\r\n"
+        body += f"--{boundary}--\r\n".encode()
+        out.append(
+            BenchFile(
+                name=f"{group[0].name} (+{len(group) - 1})",
+                data=bytes(body),
+                sop_instance_uid=group[0].sop_instance_uid,
+                count=len(group),
+                dicom_bytes=sum(f.size for f in group),
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class PreparedUpload(HttpUpload):
+    """A body built beforehand (`batches`): sent as it is."""
+
+
+def rest_batch_upload(token: str) -> HttpUpload:
+    """POST /api/v1/instances/ with several multipart `file` fields per request."""
+    return PreparedUpload(
+        path="/api/v1/instances/",
+        headers={
+            "Authorization": f"Token {token}",
+            "Content-Type": f"multipart/form-data; boundary={MultipartUpload.boundary}",
+            "Accept": "application/json",
+        },
+        expect=frozenset({201}),
+    )
 
 
 def rest_upload(token: str, *, raw: bool = True) -> HttpUpload:

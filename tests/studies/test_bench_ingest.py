@@ -79,6 +79,26 @@ def test_synthetic_instances_are_valid_fresh_and_grouped(tmp_path):
     assert files[3].data != files[4].data
 
 
+def test_batches_are_multipart_bodies_that_count_their_files():
+    import io
+
+    from django.core.files.uploadhandler import MemoryFileUploadHandler
+    from django.http.multipartparser import MultiPartParser
+
+    files = bench.make_instances(bench.KINDS["ct"], 5, tag="t", label="b")
+    groups = bench.batches(files, 2)
+    assert [g.count for g in groups] == [2, 2, 1]
+    assert [g.size for g in groups] == [files[0].size + files[1].size, files[2].size + files[3].size, files[4].size]
+    # What Django's parser reads back from the first body: its two files, byte for byte.
+    body = groups[0].data
+    meta = {
+        "CONTENT_TYPE": f"multipart/form-data; boundary={bench.MultipartUpload.boundary}",
+        "CONTENT_LENGTH": str(len(body)),
+    }
+    _, uploads = MultiPartParser(meta, io.BytesIO(body), [MemoryFileUploadHandler()]).parse()
+    assert [u.read() for u in uploads.getlist("file")] == [files[0].data, files[1].data]
+
+
 def test_figures_and_table():
     figures = bench.Figures("ct", "rest", 4, instances=4, bytes=2_000_000, seconds=0.5, latencies_ms=[1, 2, 3, 100])
     assert figures.instances_per_s == 8
@@ -119,10 +139,15 @@ def test_service_and_rest_paths(tmp_path, precedent_home):
     """The REST path runs a real gunicorn on the test database (hence committed rows)."""
     figures, output = _run(
         tmp_path, "--n", "3", "--kinds", "ct", "--clients", "1", "2", "--warmup", "1", "--no-orthanc", "--profile",
-        str(tmp_path / "prof"), "--rounds", "2",
+        str(tmp_path / "prof"), "--rounds", "2", "--batch-size", "2",
     )  # fmt: skip
     results = {(r["path"], r["clients"]): r for r in figures["results"]}
-    assert set(results) == {("service", 1), ("rest", 1), ("rest", 2), ("rest-multipart", 1), ("rest-multipart", 2)}
+    assert set(results) == {
+        ("service", 1),
+        *((path, c) for path in ("rest", "rest-multipart", "rest-batch2") for c in (1, 2)),
+    }
+    # 3 files two to a request: 2 requests, 3 instances stored (counted in _assert_figures).
+    assert len(results[("rest-batch2", 1)]["round_instances_per_s"]) == 2
     for result in results.values():
         _assert_figures(result, 3)
         assert result["kind"] == "ct"

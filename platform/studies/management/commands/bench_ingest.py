@@ -109,9 +109,13 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rest-body",
             nargs="+",
-            choices=["raw", "multipart"],
-            default=["raw", "multipart"],
-            help="how files go to our REST API: an application/dicom body (as Orthanc takes them) and/or multipart",
+            choices=["raw", "multipart", "batch"],
+            default=["raw", "multipart", "batch"],
+            help="how files go to our REST API: an application/dicom body (as Orthanc takes them), one multipart "
+            "field, and/or --batch-size multipart fields per request (as the upload page and bulk loaders send them)",
+        )
+        parser.add_argument(
+            "--batch-size", type=int, default=8, help="files per request of the batch body (default %(default)s)"
         )
         parser.add_argument("--orthanc", type=Path, default=ORTHANC_BINARY, help="Orthanc binary (default %(default)s)")
         parser.add_argument("--workers", type=int, default=None, help="gunicorn sync workers (default: most clients)")
@@ -138,8 +142,9 @@ class Command(BaseCommand):
             any(c < 1 for c in options["clients"])
             or (options["n"] is not None and options["n"] < 1)
             or options["rounds"] < 1
+            or options["batch_size"] < 1
         ):
-            raise CommandError("--n, --clients and --rounds must be at least 1")
+            raise CommandError("--n, --clients, --rounds and --batch-size must be at least 1")
 
         self.verbosity: int = options["verbosity"]
         kinds = [bench.KINDS[name] for name in dict.fromkeys(options["kinds"])]
@@ -227,12 +232,20 @@ class Command(BaseCommand):
         API and to Orthanc; the median round of each configuration is kept."""
         n = options["n"] or kind.default_n
         targets: list[tuple[str, int, bench.HttpUpload]] = []
+        batch_path = f"rest-batch{options['batch_size']}"
         if servers.rest_port is not None:
-            for body in options["rest_body"]:
-                upload = bench.rest_upload(servers.token, raw=body == "raw")
-                targets.append(("rest" if body == "raw" else "rest-multipart", servers.rest_port, upload))
+            for body in dict.fromkeys(options["rest_body"]):
+                if body == "batch":
+                    targets.append((batch_path, servers.rest_port, bench.rest_batch_upload(servers.token)))
+                else:
+                    upload = bench.rest_upload(servers.token, raw=body == "raw")
+                    targets.append(("rest" if body == "raw" else "rest-multipart", servers.rest_port, upload))
         if servers.orthanc_port is not None:
             targets.append(("orthanc", servers.orthanc_port, bench.orthanc_upload()))
+
+        def requests(files: list[BenchFile], path: str) -> list[BenchFile]:
+            return bench.batches(files, options["batch_size"]) if path == batch_path else files
+
         rounds: dict[tuple[str, int], list[Figures]] = {}
         for r in range(options["rounds"]):
             label = f"r{r}"
@@ -244,10 +257,13 @@ class Command(BaseCommand):
                 # it already took by the other body.
                 sets = {
                     path: (
-                        bench.make_instances(
-                            kind, options["warmup"] * servers.warm_clients, tag=tag, label=f"{label}{path}c{c}w"
+                        requests(
+                            bench.make_instances(
+                                kind, options["warmup"] * servers.warm_clients, tag=tag, label=f"{label}{path}c{c}w"
+                            ),
+                            path,
                         ),
-                        bench.make_instances(kind, n, tag=tag, label=f"{label}{path}c{c}"),
+                        requests(bench.make_instances(kind, n, tag=tag, label=f"{label}{path}c{c}"), path),
                     )
                     for path, _, _ in targets
                 }
