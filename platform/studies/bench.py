@@ -453,16 +453,10 @@ class PreparedUpload(HttpUpload):
 
 
 def rest_batch_upload(token: str) -> HttpUpload:
-    """POST /api/v1/instances/ with several multipart `file` fields per request."""
-    return PreparedUpload(
-        path="/api/v1/instances/",
-        headers={
-            "Authorization": f"Token {token}",
-            "Content-Type": f"multipart/form-data; boundary={MultipartUpload.boundary}",
-            "Accept": "application/json",
-        },
-        expect=frozenset({201}),
-    )
+    """POST /api/v1/instances/ with several multipart `file` fields per request (bodies
+    from `batches`), with the headers of the one-field multipart upload."""
+    multipart = rest_upload(token, raw=False)
+    return PreparedUpload(path=multipart.path, headers=multipart.headers, expect=multipart.expect)
 
 
 def rest_upload(token: str, *, raw: bool = True) -> HttpUpload:

@@ -72,8 +72,9 @@ def test_inline_runs_in_the_caller(settings):
     assert ran == [{"n": 3}]
 
 
-@pytest.mark.django_db(transaction=True)
-def test_celery_sends_the_job_to_the_broker(settings):
+@pytest.fixture
+def broker(settings):
+    """Celery on a real Redis broker (database 15); the test plays the worker."""
     redis = pytest.importorskip("redis")
     client = redis.Redis.from_url("redis://127.0.0.1:6379/15")
     try:
@@ -85,14 +86,21 @@ def test_celery_sends_the_job_to_the_broker(settings):
 
     app.conf.broker_url = "redis://127.0.0.1:6379/15"
     settings.PRECEDENT_WORKER = "celery"
+    yield client
+    client.flushdb()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_celery_sends_the_job_to_the_broker(broker):
+    from precedent.celery import app
+
     tasks.enqueue("tests.record", n=4)
-    message = client.lpop("celery")
+    message = broker.lpop("celery")
     assert message is not None and b"precedent.run_job" in message and b"tests.record" in message
     assert ran == []  # a worker process would run it, not this one
     # What that worker runs is the same function:
     app.tasks["precedent.run_job"]("tests.record", {"n": 4})
     assert ran == [{"n": 4}]
-    client.flushdb()
 
 
 # --- coalescing in the in-process worker ----------------------------------------------
@@ -189,24 +197,6 @@ def test_embedding_of_new_images_waits_for_the_burst_to_settle(settings) -> None
 
 
 # --- coalescing with Celery: waiting jobs in PostgreSQL --------------------------------
-
-
-@pytest.fixture
-def broker(settings):
-    """Celery on a real Redis broker (database 15); the test plays the worker."""
-    redis = pytest.importorskip("redis")
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/15")
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    client.flushdb()
-    from precedent.celery import app
-
-    app.conf.broker_url = "redis://127.0.0.1:6379/15"
-    settings.PRECEDENT_WORKER = "celery"
-    yield client
-    client.flushdb()
 
 
 def sent(client) -> list[tuple[str, list, bool]]:
