@@ -1,0 +1,226 @@
+"""The GPU checks of the search issue, as one script for a lent GPU machine.
+
+    python bench/gpu_check.py --json gpu.json                  # on the GPU machine: defaults
+    python bench/gpu_check.py --device cpu --n 5000 --dim 32 --images 4 --batch 2 --archs resnet18
+
+Needs only torch, torchvision and numpy (no Django, no database, no faiss), because the
+GPU machine's image has torch but no faiss and a call cannot carry the faiss-gpu wheel.
+It measures:
+
+1. encoder throughput: our encoders (embeddings/encoder.py, random weights) embedding
+   1×224×224 inputs through `embed_batch` as the pipeline does (bf16 autocast and
+   channels_last on CUDA), batch 256, img/s after a warm-up batch;
+2. the GPU search reference: exact inner-product top-10 with torch on the device over
+   the clustered synthetic vectors bench_search uses (1M×512 by default), fp32 and fp16:
+   single-query p50/p99, batched QPS, and fp16's recall@10 against fp32;
+3. faiss on the GPU (flat inner product, `index_cpu_to_gpu`) on the same vectors, only
+   where faiss with GPU support is installed.
+
+Prints a table and writes everything to --json. Sizes and defaults follow the issue:
+batch 256 at 224², 1M×512 vectors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform as _stdlib_platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "platform")]
+
+import numpy as np  # noqa: E402
+
+try:  # faiss before torch, as everywhere in the project (OpenMP runtimes)
+    import faiss
+except ImportError:
+    faiss = None
+
+import torch  # noqa: E402
+
+from embeddings import encoder as enc  # noqa: E402
+from embeddings.synthetic import clustered_vectors  # noqa: E402
+
+K = 10
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "python": _stdlib_platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cuda": torch.version.cuda,
+        "faiss": getattr(faiss, "__version__", None),
+        "faiss_gpus": faiss.get_num_gpus() if faiss is not None and hasattr(faiss, "get_num_gpus") else 0,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["bf16"] = torch.cuda.is_bf16_supported()
+    return info
+
+
+def encoder_throughput(archs: list[str], device: torch.device, *, images: int, batch: int, size: int) -> list[dict]:
+    """img/s of each encoder over `images` inputs, after one untimed batch."""
+    inputs = torch.rand(images, 1, size, size)
+    rows = []
+    for arch in archs:
+        model = enc.build_encoder(arch, dim=512)
+        enc.embed_batch(model, inputs[:batch], device, batch_size=batch)  # warm-up: cuDNN autotune, allocator
+        sync(device)
+        start = time.perf_counter()
+        vectors = enc.embed_batch(model, inputs, device, batch_size=batch)
+        sync(device)
+        seconds = time.perf_counter() - start
+        assert vectors.shape == (images, 512) and np.isfinite(vectors).all()
+        rows.append(
+            {
+                "arch": arch,
+                "images": images,
+                "batch": batch,
+                "input": f"{size}x{size}",
+                "bf16": enc._use_bf16(device, None),
+                "seconds": round(seconds, 4),
+                "images_per_s": round(images / seconds, 1),
+            }
+        )
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _topk(database: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(queries @ database.T, k, dim=1).indices
+
+
+def torch_search(
+    database: np.ndarray, queries: np.ndarray, device: torch.device, *, single: int, batch: int
+) -> tuple[list[dict], np.ndarray]:
+    """Exact top-k on the device in fp32 and fp16: latency of one query, QPS in batches.
+    Returns the rows and fp32's top-k (the reference every engine's recall is against)."""
+    rows, found = [], {}
+    for dtype in (torch.float32, torch.float16):
+        if dtype == torch.float16 and device.type != "cuda":
+            continue  # half-precision matmul is a GPU path
+        db = torch.from_numpy(database).to(device, dtype)
+        qs = torch.from_numpy(queries).to(device, dtype)
+        _topk(db, qs[:1], K)  # warm-up
+        sync(device)
+        latencies = []
+        for i in range(min(single, len(qs))):
+            start = time.perf_counter()
+            _topk(db, qs[i : i + 1], K).cpu()
+            latencies.append((time.perf_counter() - start) * 1000)
+        sync(device)
+        start = time.perf_counter()
+        parts = [_topk(db, qs[i : i + batch], K) for i in range(0, len(qs), batch)]
+        result = torch.cat(parts).cpu().numpy()
+        seconds = time.perf_counter() - start
+        found[dtype] = result
+        rows.append(
+            {
+                "engine": f"torch exact {str(dtype).removeprefix('torch.')}",
+                "vectors": len(database),
+                "dim": database.shape[1],
+                "p50_ms": round(float(np.percentile(latencies, 50)), 3),
+                "p99_ms": round(float(np.percentile(latencies, 99)), 3),
+                "batched_qps": round(len(qs) / seconds, 1),
+                "query_batch": batch,
+            }
+        )
+        del db, qs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    truth = found[torch.float32]
+    for row, dtype in zip(rows, found, strict=True):
+        row["recall_at_10_vs_fp32"] = round(recall(found[dtype], truth), 4)
+    return rows, truth
+
+
+def faiss_gpu_search(database: np.ndarray, queries: np.ndarray, truth: np.ndarray, *, single: int) -> list[dict]:
+    """faiss's flat inner-product index copied to GPU 0, as embeddings/index.py serves it."""
+    if faiss is None or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return []
+    resources = faiss.StandardGpuResources()
+    cpu_index = faiss.IndexFlatIP(database.shape[1])
+    cpu_index.add(database)
+    index = faiss.index_cpu_to_gpu(resources, 0, cpu_index)
+    index.search(queries[:1], K)
+    latencies = []
+    for i in range(min(single, len(queries))):
+        start = time.perf_counter()
+        index.search(queries[i : i + 1], K)
+        latencies.append((time.perf_counter() - start) * 1000)
+    start = time.perf_counter()
+    _, found = index.search(queries, K)
+    seconds = time.perf_counter() - start
+    return [
+        {
+            "engine": "faiss GPU flat IP",
+            "vectors": len(database),
+            "dim": database.shape[1],
+            "p50_ms": round(float(np.percentile(latencies, 50)), 3),
+            "p99_ms": round(float(np.percentile(latencies, 99)), 3),
+            "batched_qps": round(len(queries) / seconds, 1),
+            "query_batch": len(queries),
+            "recall_at_10_vs_fp32": round(recall(found, truth), 4),
+        }
+    ]
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean |found ∩ truth| / k per query."""
+    return float(np.mean([len(set(f) & set(t)) / truth.shape[1] for f, t in zip(found, truth, strict=True)]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet50", "densenet121"])
+    parser.add_argument("--images", type=int, default=4096, help="inputs per encoder (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=256, help="encoder batch (default %(default)s)")
+    parser.add_argument("--size", type=int, default=224, help="input side in pixels (default %(default)s)")
+    parser.add_argument("--n", type=int, default=1_000_000, help="database vectors (default %(default)s)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--single", type=int, default=200, help="queries timed one at a time")
+    parser.add_argument("--query-batch", type=int, default=256)
+    parser.add_argument("--skip-encoders", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    device = enc.pick_device(args.device)
+    report: dict = {"environment": environment(device)}
+    print(json.dumps(report["environment"]))
+    if not args.skip_encoders:
+        report["encoders"] = encoder_throughput(
+            args.archs, device, images=args.images, batch=args.batch, size=args.size
+        )
+        for row in report["encoders"]:
+            print(
+                f"encoder {row['arch']:<12} {row['images_per_s']:>10.1f} img/s "
+                f"(batch {row['batch']}, bf16 {row['bf16']})"
+            )
+    database, queries = clustered_vectors(args.n, args.dim, n_queries=args.queries)
+    report["search"], truth = torch_search(database, queries, device, single=args.single, batch=args.query_batch)
+    report["search"] += faiss_gpu_search(database, queries, truth, single=args.single)
+    for row in report["search"]:
+        print(
+            f"{row['engine']:<22} {row['vectors']}x{row['dim']}: p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
+            f"{row['batched_qps']} QPS batched, recall@10 vs fp32 {row['recall_at_10_vs_fp32']}"
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
