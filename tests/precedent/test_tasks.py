@@ -289,3 +289,24 @@ def test_every_model_of_ours_is_in_the_admin():
         and m not in inlined
     ]
     assert missing == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_broker_that_refuses_the_task_leaves_no_waiting_row(broker, monkeypatch):
+    """A waiting row nobody will run would swallow every equal job after it: when the
+    task cannot be sent, the row goes and the error reaches the caller."""
+    from kombu.exceptions import OperationalError
+
+    from precedent.celery import app
+    from precedent.models import WaitingJob
+
+    def refuse(*args, **kwargs):
+        raise OperationalError("broker unreachable")
+
+    monkeypatch.setattr(app, "send_task", refuse)
+    with pytest.raises(OperationalError, match="broker unreachable"):
+        tasks.enqueue("tests.batch", ids=[1])
+    assert not WaitingJob.objects.exists()
+    monkeypatch.undo()
+    tasks.enqueue("tests.batch", ids=[2])
+    assert WaitingJob.objects.get().ids == [2] and len(sent(broker)) == 1
