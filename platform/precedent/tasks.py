@@ -138,7 +138,9 @@ RETURNING id, (xmax = 0) AS created
 
 
 def _celery_wait(name: str, kwargs: dict[str, Any]) -> None:
-    """Join the open WaitingJob of this key, or open one and send the task that runs it."""
+    """Join the open WaitingJob of this key, or open one and send the task that runs it.
+    Unlike the in-process queue, a waiting row has no MERGE_LIMIT: a Celery worker runs
+    the merged list in one job (embed_pending batches it itself)."""
     from precedent.celery import app
 
     from .models import WaitingJob
