@@ -28,9 +28,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 META_WINDOW = 64 * 1024
 
 # hashlib and fsync release the GIL: a spooled file's dataset hash and its sync run on
-# this pool while the caller parses and validates it; `commit` waits for the sync
-# before the file gets its name.
-_SYNC_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="precedent-fsync")
+# this pool while the caller parses and validates it; `commit` waits for both before
+# the file gets its name. Two tasks per file, so `ingest --jobs 2` never queues.
+_SYNC_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="precedent-fsync")
 
 
 def _fsync_path(path: str) -> None:

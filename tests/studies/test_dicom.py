@@ -205,7 +205,7 @@ def test_a_dropped_spool_keeps_its_dataset_hash(dicom_files: Path, tmp_path: Pat
     source = dicom_files / TF / "CT_small.dcm"
     expected = store.spool(source)
     release = threading.Event()
-    busy = [storage._SYNC_POOL.submit(release.wait) for _ in range(2)]  # the pool's two threads
+    busy = [storage._SYNC_POOL.submit(release.wait) for _ in range(storage._SYNC_POOL._max_workers)]  # all its threads
     try:
         spooled = store.spool(source)
         assert not spooled.dataset.done()
