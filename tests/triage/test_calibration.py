@@ -322,7 +322,7 @@ def test_a_point_without_validation_cannot_be_signed_off_on_the_page(client, adm
 
 
 def test_calibration_scores_only_the_images_triage_scores_on_arrival(
-    datasets: Path, mammogram, ingest, active_classifier
+    datasets: Path, mammogram, ingest, active_classifier, client, admin
 ) -> None:
     """A labelled chest film and a blank mammogram in the validation cohort: triage on
     arrival gives neither to the mammography classifier (a chest film is not its task,
@@ -345,6 +345,9 @@ def test_calibration_scores_only_the_images_triage_scores_on_arrival(
     validation = OperatingPoint.objects.get().validation
     assert validation["exams"] == 4 and validation["abnormal_exams"] == 2
     assert validation["left_out_exams"] == 2
+    # The admin who signs it off sees what was left out.
+    client.force_login(admin)
+    assert "2 labelled exams left out" in client.get(reverse("triage:calibration")).text
     chest = services.ImageQuality.objects.exclude(instance__series__modality="MG").get()
     assert chest.task == "chest" and chest.assessable
     blank.refresh_from_db()
