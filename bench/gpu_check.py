@@ -1,10 +1,12 @@
-"""The GPU checks of the search issue, as one script for a lent GPU machine.
+"""The GPU checks of the search and triage issues, as one script for a lent GPU machine.
 
     python bench/gpu_check.py --json gpu.json                  # on the GPU machine: defaults
     python bench/gpu_check.py --device cpu --n 5000 --dim 32 --images 4 --batch 2 --archs resnet18
 
-Needs only torch, torchvision and numpy (no Django, no database, no faiss), because the
-GPU machine's image has torch but no faiss and a call cannot carry the faiss-gpu wheel.
+Needs only torch, torchvision, numpy and tqdm (no Django, no database, no faiss), because
+the GPU machine's image has torch but no faiss and a call cannot carry the faiss-gpu
+wheel. Where the machine lacks tqdm: `pip install --target .gpu-deps tqdm` beside the
+repository and send `.gpu-deps` along (ignored by git); this script puts it on the path.
 It measures:
 
 1. encoder throughput: our encoders (embeddings/encoder.py, random weights) embedding
@@ -14,7 +16,10 @@ It measures:
    the clustered synthetic vectors bench_search uses (1M×512 by default), fp32 and fp16:
    single-query p50/p99, batched QPS, and fp16's recall@10 against fp32;
 3. faiss on the GPU (flat inner product, `index_cpu_to_gpu`) on the same vectors, only
-   where faiss with GPU support is installed.
+   where faiss with GPU support is installed;
+4. triage training on the device: the classifier (`triage.training.train_classifier`,
+   512² films, 256² patches, bf16) for one epoch over synthetic films, and the FCOS
+   detector (`triage.detection.train`) for a fixed number of steps: films/s and steps/s.
 
 Prints a table and writes everything to --json. Sizes and defaults follow the issue:
 batch 256 at 224², 1M×512 vectors.
@@ -30,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "platform")]
+sys.path[:0] = [str(ROOT), str(ROOT / "platform")] + ([str(ROOT / ".gpu-deps")] if (ROOT / ".gpu-deps").is_dir() else [])
 
 import numpy as np  # noqa: E402
 
@@ -43,6 +48,7 @@ import torch  # noqa: E402
 
 from embeddings import encoder as enc  # noqa: E402
 from embeddings.synthetic import clustered_vectors  # noqa: E402
+from triage import detection, training  # noqa: E402
 
 K = 10
 
@@ -176,6 +182,53 @@ def faiss_gpu_search(database: np.ndarray, queries: np.ndarray, truth: np.ndarra
     ]
 
 
+def _films(count: int, side: int, seed: int = 0) -> list[tuple[np.ndarray, tuple[float, float, float, float]]]:
+    """Synthetic films: smooth noise with one bright disc each (a lesion to find)."""
+    rng = np.random.default_rng(seed)
+    films = []
+    for _ in range(count):
+        grey = rng.normal(1000, 60, (side, side)).astype(np.float32)
+        cy, cx, r = rng.integers(side // 4, 3 * side // 4, 2).tolist() + [side // 16]
+        yy, xx = np.ogrid[:side, :side]
+        grey[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] += 400
+        films.append((grey, (cx - r, cy - r, cx + r, cy + r)))
+    return films
+
+
+def triage_training(device: torch.device, *, films: int, side: int, input_size: int, steps: int) -> list[dict]:
+    """One classifier epoch and `steps` detector steps on synthetic films."""
+    data = _films(films, side)
+    items = [
+        training.TrainingItem(grey, abnormal=i % 2, boxes=[box] if i % 2 else [], key=str(i))
+        for i, (grey, box) in enumerate(data)
+    ]
+    config = training.ClassifierConfig(
+        input_size=input_size, patch_size=min(256, input_size), epochs=1, batch_size=min(8, films)
+    )
+    _, report = training.train_classifier(items, config, device=device, progress=False)
+    rows = [
+        {
+            "model": "classifier",
+            "films": films,
+            "input": f"{input_size}x{input_size}",
+            "seconds": round(report.seconds, 3),
+            "films_per_s": round(report.images_per_second, 2),
+        }
+    ]
+    samples = [detection.Sample(grey, boxes=[box], labels=[0]) for grey, box in data]
+    _, det = detection.train(samples, ["lesion"], input_size=input_size, max_steps=steps, device=device, progress=False)
+    rows.append(
+        {
+            "model": "detector",
+            "steps": det.steps,
+            "input": f"{input_size}x{input_size}",
+            "seconds": round(det.seconds, 3),
+            "steps_per_s": round(det.steps / det.seconds, 2) if det.seconds else None,
+        }
+    )
+    return rows
+
+
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean |found ∩ truth| / k per query."""
     return float(np.mean([len(set(f) & set(t)) / truth.shape[1] for f, t in zip(found, truth, strict=True)]))
@@ -194,6 +247,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--single", type=int, default=200, help="queries timed one at a time")
     parser.add_argument("--query-batch", type=int, default=256)
     parser.add_argument("--skip-encoders", action="store_true")
+    parser.add_argument("--skip-triage", action="store_true")
+    parser.add_argument("--films", type=int, default=64, help="synthetic films for triage training")
+    parser.add_argument("--film-side", type=int, default=1024)
+    parser.add_argument("--triage-input", type=int, default=512, help="triage models' input side")
+    parser.add_argument("--detector-steps", type=int, default=50)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -217,6 +275,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['engine']:<22} {row['vectors']}x{row['dim']}: p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
             f"{row['batched_qps']} QPS batched, recall@10 vs fp32 {row['recall_at_10_vs_fp32']}"
         )
+    if not args.skip_triage:
+        report["triage_training"] = triage_training(
+            device, films=args.films, side=args.film_side, input_size=args.triage_input, steps=args.detector_steps
+        )
+        for row in report["triage_training"]:
+            rate = f"{row['films_per_s']} films/s" if "films_per_s" in row else f"{row['steps_per_s']} steps/s"
+            print(f"train {row['model']:<10} {row['input']}: {rate} ({row['seconds']} s)")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
     return report
