@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "platform")] + ([str(ROOT / ".gpu-deps")] if (ROOT / ".gpu-deps").is_dir() else [])
+DEPS = ROOT / ".gpu-deps"  # what the GPU machine lacks, sent along (see above)
+sys.path[:0] = [str(ROOT), str(ROOT / "platform")] + ([str(DEPS)] if DEPS.is_dir() else [])
 
 import numpy as np  # noqa: E402
 
