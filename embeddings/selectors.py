@@ -321,6 +321,8 @@ class LabelledImage:
     label: str | None
     patient_id: int
 
+    box = None  # the whole image (a LabelledRegion has its finding's box)
+
 
 @dataclass
 class LabelledRegion:
@@ -329,6 +331,14 @@ class LabelledRegion:
     finding: Finding
     label: str
     patient_id: int
+
+    @property
+    def instance(self) -> Instance:
+        return self.finding.instance
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return tuple(self.finding.box)
 
 
 REGION_LABELS = ("pathology", "abnormality_class")

@@ -71,7 +71,7 @@ class Command(BaseCommand):
         if len(items) < 2:
             raise CommandError(f"cohort {options['cohort']!r} has {len(items)} labelled {unit}; need at least 2")
 
-        instance_ids = {_instance(item).pk for item in items}
+        instance_ids = {item.instance.pk for item in items}
         services.embed_pending(encoder=encoder, instances=Instance.objects.filter(pk__in=instance_ids))
         if region:
             regions = Embedding.objects.filter(encoder=encoder, kind="region", finding__in=[i.finding for i in items])
@@ -141,14 +141,18 @@ class Command(BaseCommand):
         _, meta = services.loaded_encoder(encoder)
         baseline = enc.build_encoder("raw-pixels", dim=min(encoder.dim, 1024), preprocessing=meta.preprocessing)
         tensors = []
+        picture, decoded = None, None  # the last image decoded: its other finding boxes follow it
         for item in tqdm(items, desc="raw-pixels baseline", unit="img", disable=quiet):
-            instance = _instance(item)
-            try:
-                picture = services.instance_picture(instance, services.representative_frame(instance))
-            except RenderError as exc:
-                raise CommandError(f"{instance.sop_instance_uid}: {exc}") from None
-            box = tuple(item.finding.box) if hasattr(item, "finding") else None
-            tensors.append(enc.preprocess(picture.pixels, meta.preprocessing, box, monochrome1=picture.monochrome1))
+            instance = item.instance
+            if decoded != instance.pk:
+                try:
+                    picture = services.instance_picture(instance, services.representative_frame(instance))
+                except RenderError as exc:
+                    raise CommandError(f"{instance.sop_instance_uid}: {exc}") from None
+                decoded = instance.pk
+            tensors.append(
+                enc.preprocess(picture.pixels, meta.preprocessing, item.box, monochrome1=picture.monochrome1)
+            )
         return enc.embed_batch(baseline, tensors, "cpu")
 
     def _table(self, result: dict[str, Any], ks: list[int]) -> None:
@@ -174,10 +178,6 @@ class Command(BaseCommand):
         fb = result["feedback"]
         if fb["count"]:
             self.stdout.write(f"search feedback: {fb['count']} verdicts, {fb['relevant_share']:.0%} relevant")
-
-
-def _instance(item) -> Instance:
-    return item.finding.instance if hasattr(item, "finding") else item.instance
 
 
 def _metrics(vectors: np.ndarray, labels, groups, ks) -> dict[str, Any]:
