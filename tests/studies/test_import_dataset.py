@@ -167,6 +167,114 @@ def test_cbis_reports_a_staged_file_that_is_missing(tmp_path: Path, datasets: Pa
     assert cbis.NAME in output
 
 
+# --- DDSM: normals with tissue maps, and Mini-DDSM benign cases ----------------------------
+
+
+def test_ddsm_normals_import_one_normal_film_per_woman(datasets: Path) -> None:
+    root = datasets / "ddsm-normals-tissue"
+    output = run("ddsm-normals", str(root))
+    rows = csv_rows(root / "labels.csv")
+
+    assert f"{len(rows)} images: {len(rows)} stored, 0 duplicate, 0 rejected" in output
+    assert "mirrored" in output  # the reader's note
+    assert Patient.objects.count() == Study.objects.count() == len(rows)
+    assert Cohort.objects.get(name="ddsm-normals").studies.count() == len(rows)
+    assert set(Finding.objects.values_list("pathology", flat=True)) == {"normal"}
+
+    row = rows[0]
+    instance = Instance.objects.get(findings__source_key=f"ddsm-normals-tissue:{row['ddsm_image_id']}")
+    assert instance.series.study.patient.patient_id == f"DDSM-{row['patient_id']}"
+    assert (instance.laterality, instance.view_position, instance.series.modality) == ("R", "MLO", "MG")
+    assert (instance.columns, instance.rows) == (int(row["width"]), int(row["height"]))
+    finding = instance.findings.get()
+    assert finding.attributes["acr_density"] == int(row["acr_density"])
+    assert finding.attributes["tissue_mask"] == row["tissue_mask"] and finding.attributes["mirrored"] is True
+    path = services.dicom_store().path(instance.file_path)
+    stored = dicom.decode_frame(path, dicom.read_dataset(path, stop_before_pixels=True))
+    with Image.open(root / row["image"]) as png:
+        assert np.array_equal(stored, np.asarray(png))
+
+    again = run("ddsm-normals", str(datasets), "--limit", "3")  # the datasets root works too
+    assert "3 images: 0 stored, 3 duplicate, 0 rejected" in again
+
+
+def test_mini_ddsm_keeps_the_jpeg_and_the_ddsm_outlines(datasets: Path) -> None:
+    root = datasets / "mini-ddsm-benign-sample"
+    output = run("mini-ddsm", str(root))
+    images, lesions = csv_rows(root / "labels.csv"), csv_rows(root / "lesions.csv")
+    cases = {row["patient_id"] for row in images}
+
+    assert f"{len(images)} images: {len(images)} stored, 0 duplicate, 0 rejected" in output
+    assert Patient.objects.count() == Study.objects.count() == len(cases)
+    assert Cohort.objects.get(name="mini-ddsm").studies.count() == len(cases)
+    # Each case is one study holding its four views as four series.
+    study = Study.objects.get(patient__patient_id=f"DDSM-{images[0]['patient_id']}")
+    assert sorted(study.series.values_list("instances__laterality", "instances__view_position")) == [
+        ("L", "CC"),
+        ("L", "MLO"),
+        ("R", "CC"),
+        ("R", "MLO"),
+    ]
+    assert study.study_date.isoformat() == "1993-03-02"  # DATE_OF_STUDY 2 3 1993: day month year
+
+    # One finding per outline, on the image it outlines, box inclusive → exclusive.
+    boxed = Finding.objects.exclude(x0=None)
+    assert boxed.count() == len(lesions)
+    for lesion in lesions:
+        image = next(row for row in images if row["image"] == lesion["image"])
+        finding = Finding.objects.get(source_key=f"mini-ddsm-benign:{image['ddsm_image_id']}:{lesion['abnormality']}")
+        x0, y0, x1, y1 = (float(lesion[c]) for c in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"))
+        assert finding.box == [x0, y0, x1 + 1, y1 + 1]
+        assert (finding.pathology, finding.abnormality_class) == ("benign", lesion["lesion_type"])
+        assert finding.attributes["birads"] == int(lesion["assessment"])
+    normal = [row for row in images if row["label"] == "normal"]
+    assert Finding.objects.filter(pathology="normal").count() == len(normal)
+
+    # The Mini-DDSM JPEG is stored as it came (JPEG Baseline, encapsulated), decodes to
+    # the same pixels as the JPEG itself, and renders.
+    row = images[0]
+    instance = Instance.objects.get(
+        sop_instance_uid__in=Finding.objects.filter(
+            source_key__startswith=f"mini-ddsm-benign:{row['ddsm_image_id']}"
+        ).values("instance__sop_instance_uid")
+    )
+    assert instance.transfer_syntax_uid == pydicom.uid.JPEGBaseline8Bit
+    jpeg = (root / row["image"]).read_bytes()
+    path = services.dicom_store().path(instance.file_path)
+    stored = pydicom.dcmread(path)
+    assert stored.LossyImageCompression == "01"
+    assert next(pydicom.encaps.generate_frames(stored.PixelData, number_of_frames=1)).rstrip(b"\0") == jpeg.rstrip(
+        b"\0"
+    )
+    with Image.open(root / row["image"]) as source:
+        expected = np.asarray(source).astype(int)
+    assert np.abs(stored.pixel_array.astype(int) - expected).max() <= 1  # libjpeg vs Pillow's IDCT
+    png = services.instance_render_png(instance=instance, request=services.RenderRequest())
+    with Image.open(png) as image:
+        assert image.size == (int(row["width"]), int(row["height"]))
+    assert [float(v) for v in stored.PixelSpacing] == [0.1, 0.1]  # 50 µm scan, halved
+
+
+def test_mini_ddsm_rejects_an_image_that_is_not_a_greyscale_jpeg(tmp_path: Path, datasets: Path) -> None:
+    """A colour JPEG (or anything but an 8-bit greyscale baseline JPEG) is rejected with
+    its reason, and nothing is stored for it."""
+    source = datasets / "mini-ddsm-benign-sample"
+    rows = csv_rows(source / "labels.csv")[:1]
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 96), (200, 10, 10)).save(tmp_path / "images" / "colour.jpg")
+    rows[0]["image"] = "images/colour.jpg"
+    with (tmp_path / "labels.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "lesions.csv").write_text((source / "lesions.csv").read_text().splitlines()[0] + "\n")
+
+    output = run("mini-ddsm", str(tmp_path))
+    assert "1 images: 0 stored, 0 duplicate, 1 rejected" in output
+    assert "expected an 8-bit greyscale baseline JPEG" in output
+    assert (Instance.objects.count(), Finding.objects.count()) == (0, 0)
+
+
 # --- NIH ChestX-ray14 --------------------------------------------------------------------
 
 

@@ -16,14 +16,17 @@ from __future__ import annotations
 import csv
 import io
 import uuid
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 # Part of every generated UID. Bump it when the converters change the bytes they
 # write: the new files then get new UIDs instead of clashing with stored ones.
@@ -116,6 +119,14 @@ def read_csv(path: Path, required: Iterable[str]) -> list[dict[str, str]]:
         return [{k: (v or "").strip() for k, v in row.items() if k} for row in reader]
 
 
+def group_rows(rows: Iterable[dict[str, str]], column: str) -> defaultdict[str, list[dict[str, str]]]:
+    """Rows keyed by one column's value (e.g. annotation lines by image); missing keys give []."""
+    groups: defaultdict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        groups[row[column]].append(row)
+    return groups
+
+
 def clip_box(
     x0: float, y0: float, x1: float, y1: float, width: int, height: int
 ) -> tuple[float, float, float, float] | None:
@@ -143,13 +154,76 @@ def image_dataset(
     """
     if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected a 2-D uint8 or uint16 array, got {pixels.dtype} {pixels.shape}")
-    bits_allocated = pixels.dtype.itemsize * 8
+    ds = _image_header(
+        ExplicitVRLittleEndian,
+        pixels.shape,
+        bits_allocated=pixels.dtype.itemsize * 8,
+        bits_stored=bits_stored,
+        uids=(sop_class_uid, sop_instance_uid, study_instance_uid, series_instance_uid),
+        attributes=attributes,
+    )
+    data = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()
+    ds.PixelData = data + b"\0" * (len(data) % 2)
+    return ds
+
+
+def jpeg_image_dataset(
+    jpeg: bytes,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    **attributes: Any,
+) -> Dataset:
+    """A single-frame image whose pixel data is `jpeg` itself, encapsulated unchanged.
+
+    For sources that are lossy 8-bit greyscale baseline JPEGs: re-encoding would lose
+    more, and decoding to raw pixels would store 5–10× the bytes. The transfer syntax
+    is JPEG Baseline (PS3.5 A.4.1) and the image is marked as lossy-compressed.
+    Raises ValueError for anything but an 8-bit greyscale baseline JPEG.
+    """
+    try:
+        with Image.open(io.BytesIO(jpeg)) as image:
+            mode, (width, height), fmt = image.mode, image.size, image.format
+            progressive = bool(image.info.get("progressive") or image.info.get("progression"))
+    except OSError as exc:
+        raise ValueError(f"not a readable JPEG: {exc}") from exc
+    if fmt != "JPEG" or mode != "L" or progressive:
+        raise ValueError(f"expected an 8-bit greyscale baseline JPEG, got {fmt} {mode}{' progressive' * progressive}")
+    ds = _image_header(
+        JPEGBaseline8Bit,
+        (height, width),
+        bits_allocated=8,
+        bits_stored=8,
+        uids=(sop_class_uid, sop_instance_uid, study_instance_uid, series_instance_uid),
+        attributes=attributes,
+    )
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.PixelData = encapsulate([jpeg])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+def _image_header(
+    transfer_syntax: str,
+    shape: tuple[int, int],
+    *,
+    bits_allocated: int,
+    bits_stored: int | None,
+    uids: tuple[str, str, str, str],
+    attributes: dict[str, Any],
+) -> Dataset:
+    """File Meta, UIDs, `attributes` and the MONOCHROME2 image pixel module, no pixel data."""
+    sop_class_uid, sop_instance_uid, study_instance_uid, series_instance_uid = uids
     bits_stored = bits_stored or bits_allocated
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class_uid
     meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
 
@@ -163,13 +237,11 @@ def image_dataset(
         setattr(ds, keyword, value)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
+    ds.Rows, ds.Columns = shape
     ds.BitsAllocated = bits_allocated
     ds.BitsStored = bits_stored
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 0
-    data = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()
-    ds.PixelData = data + b"\0" * (len(data) % 2)
     return ds
 
 

@@ -10,10 +10,9 @@ kept in the finding's attributes.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
-from .base import BENIGN, MALIGNANT, UNKNOWN, Conversion, FindingSpec, Item, find_root, read_csv
+from .base import BENIGN, MALIGNANT, UNKNOWN, Conversion, FindingSpec, Item, find_root, group_rows, read_csv
 
 NAME = "cbis-ddsm"
 FOLDER = "cbis-ddsm-mg-samples"
@@ -39,9 +38,7 @@ PATHOLOGY = {"MALIGNANT": MALIGNANT, "BENIGN": BENIGN, "BENIGN_WITHOUT_CALLBACK"
 def read(path: Path, *, limit: int | None = None) -> Conversion:
     """Open the CBIS-DDSM samples folder (or the datasets root holding it)."""
     root = find_root(path, FOLDER, "labels.csv")
-    rows_by_file: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for row in read_csv(root / "labels.csv", COLUMNS):
-        rows_by_file[row["package_file"]].append(row)
+    rows_by_file = group_rows(read_csv(root / "labels.csv", COLUMNS), "package_file")
     # A file the labels list as staged but which is missing is reported; the package's
     # other files are only imported when someone has added them to the folder.
     files = [name for name, rows in rows_by_file.items() if (root / name).is_file() or rows[0]["staged_here"] == "yes"]

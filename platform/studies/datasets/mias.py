@@ -8,7 +8,6 @@ left breast of one patient, so each patient becomes one study with two images.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from .base import (
     dataset_uid,
     encode,
     find_root,
+    group_rows,
     image_dataset,
     read_csv,
 )
@@ -59,9 +59,7 @@ def read(path: Path, *, limit: int | None = None) -> Conversion:
     """Open a mini-MIAS folder (or the datasets root holding `mini-mias/`)."""
     root = find_root(path, FOLDER, "images.csv")
     images = read_csv(root / "images.csv", IMAGE_COLUMNS)
-    annotations: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for row in read_csv(root / "annotations.csv", ANNOTATION_COLUMNS):
-        annotations[row["refnum"]].append(row)
+    annotations = group_rows(read_csv(root / "annotations.csv", ANNOTATION_COLUMNS), "refnum")
     if limit is not None:
         images = images[:limit]
     return Conversion(

@@ -15,7 +15,6 @@ means one thing across the set.
 from __future__ import annotations
 
 import datetime as dt
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from .base import (
     dataset_uid,
     encode,
     find_root,
+    group_rows,
     image_dataset,
     read_csv,
 )
@@ -53,9 +53,7 @@ def read(path: Path, *, limit: int | None = None) -> Conversion:
     root = find_root(path, FOLDER, "images.csv")
     images = read_csv(root / "images.csv", IMAGE_COLUMNS)
     entries = {row["Image Index"]: row for row in read_csv(root / "Data_Entry_2017_subset.csv", ENTRY_COLUMNS)}
-    boxes: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for row in read_csv(root / "boxes.csv", BOX_COLUMNS):
-        boxes[row["image"]].append(row)
+    boxes = group_rows(read_csv(root / "boxes.csv", BOX_COLUMNS), "image")
     if limit is not None:
         images = images[:limit]
     return Conversion(

@@ -1,4 +1,4 @@
-"""python manage.py import_dataset {mias,cbis,nih-cxr,synthetic} [PATH] [--cohort NAME] ..."""
+"""python manage.py import_dataset {mias,cbis,nih-cxr,ddsm-normals,mini-ddsm,synthetic} [PATH] [--cohort NAME] ..."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ class Command(BaseCommand):
         "Every image is converted to DICOM (or taken as is) and stored through the normal ingest; "
         "its labels become Findings and its studies join a cohort. Importing again reports duplicates. "
         "mias: mini-MIAS folder (images.csv, annotations.csv); cbis: CBIS-DDSM samples folder (labels.csv); "
-        "nih-cxr: NIH ChestX-ray14 box subset folder (images.csv, boxes.csv, Data_Entry_2017_subset.csv). "
+        "nih-cxr: NIH ChestX-ray14 box subset folder (images.csv, boxes.csv, Data_Entry_2017_subset.csv); "
+        "ddsm-normals: DDSM normals with tissue maps (labels.csv); "
+        "mini-ddsm: Mini-DDSM benign cases (labels.csv, lesions.csv, ddsm_truth/). "
         "PATH may also be the folder that holds these datasets. "
         "synthetic: no PATH; --patients N × 4 views of phantom mammograms drawn from --seed."
     )

@@ -36,13 +36,16 @@ class Command(BaseCommand):
     help = (
         "Create the demo login (user 'demo', password generated once and kept in PRECEDENT_HOME/demo-login.txt) "
         "and load demo data: pydicom's bundled test files (the broken ones are rejected, by design), then the "
-        "real datasets (mini-MIAS, CBIS-DDSM samples, NIH ChestX-ray14 boxes) from --data or ../shared/datasets "
+        "real datasets (mini-MIAS, CBIS-DDSM samples, NIH ChestX-ray14 boxes, the DDSM normals and Mini-DDSM "
+        "benign samples) from --data or ../shared/datasets "
         "next to the repository, or, when neither is there, a synthetic screening cohort. Idempotent."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--data", type=Path, help="folder holding mini-mias/, cbis-ddsm-mg-samples/, nih-chestxray14-bbox/"
+            "--data",
+            type=Path,
+            help="folder holding any of: " + ", ".join(f"{folder}/" for _, _, folder in FOLDER_DATASETS.values()),
         )
         parser.add_argument(
             "--synthetic", action="store_true", help="also generate the synthetic cohort when real data is found"
