@@ -487,11 +487,19 @@ def evaluate_localisation(*, instances, out_dir: Path, progress: bool = False) -
     result["images_skipped"] = skipped
     if detector is not None:
         curve = metrics.froc(cases)
-        result["froc"] = {f"{rate:g}": metrics.sensitivity_at(curve, rate) for rate in metrics.FROC_RATES}
         result["lesions"] = curve.lesions
-        png = out_dir / "froc.png"
-        metrics.plot_froc(curve, png, title=f"FROC, {detector.version.name}")
-        result["froc_png"] = str(png)
+        # Every mark the detector made, all false where there is no lesion to find.
+        result["false_marks_per_image"] = curve.false_marks_per_image[-1] if curve.false_marks_per_image else 0.0
+        if curve.lesions:
+            result["froc"] = {f"{rate:g}": metrics.sensitivity_at(curve, rate) for rate in metrics.FROC_RATES}
+            png = out_dir / "froc.png"
+            metrics.plot_froc(curve, png, title=f"FROC, {detector.version.name}")
+            result["froc_png"] = str(png)
+        else:
+            result["froc_note"] = (
+                f"no lesion box to find in {curve.images} images; the detector made "
+                f"{result['false_marks_per_image']:.2f} false marks per image"
+            )
     if dices:
         result["dice_mean"] = float(np.mean(dices))
         result["dice_images"] = len(dices)

@@ -79,8 +79,8 @@ def auc_interval(
 @dataclass(frozen=True)
 class CurvePoint:
     threshold: float
-    sensitivity: float  # true positive rate
-    specificity: float  # 1 - false positive rate = share of normals ruled out
+    sensitivity: float | None  # true positive rate (at_threshold: None without abnormal exams)
+    specificity: float | None  # share of normals ruled out (at_threshold: None without normal exams)
     workload_reduction: float  # share of all exams ruled out (score < threshold)
 
 
@@ -106,13 +106,16 @@ def curve(labels: Sequence[int], scores: Sequence[float]) -> list[CurvePoint]:
 
 
 def at_threshold(labels: Sequence[int], scores: Sequence[float], threshold: float) -> CurvePoint:
+    """Sensitivity, specificity and workload reduction at one threshold. A cohort of
+    one class leaves the other figure undefined (None), not a vacuous 1.0: a set of
+    normals only (a second-source check of how many are ruled out) has no sensitivity."""
     y, s = _arrays(labels, scores)
     positives, negatives = int(y.sum()), int((1 - y).sum())
     flagged = s >= threshold
     return CurvePoint(
         threshold=float(threshold),
-        sensitivity=float((flagged & (y == 1)).sum()) / positives if positives else 1.0,
-        specificity=float((~flagged & (y == 0)).sum()) / negatives if negatives else 1.0,
+        sensitivity=float((flagged & (y == 1)).sum()) / positives if positives else None,
+        specificity=float((~flagged & (y == 0)).sum()) / negatives if negatives else None,
         workload_reduction=float((~flagged).sum()) / len(y) if len(y) else 0.0,
     )
 
@@ -182,8 +185,10 @@ def plot_curves(
         xlim=(0, 1.02),
         ylim=(0, 1),
     )
+    op = None
     if operating_point is not None:
         op = asdict(operating_point) if isinstance(operating_point, CurvePoint) else dict(operating_point)
+    if op is not None and op["sensitivity"] is not None and op["specificity"] is not None:
         roc.plot([1 - op["specificity"]], [op["sensitivity"]], "o", color="tab:red", label="operating point")
         work.plot([op["sensitivity"]], [op["specificity"]], "o", color="tab:red")
         roc.legend(loc="lower right")

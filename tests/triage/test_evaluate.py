@@ -74,6 +74,14 @@ def test_curve_runs_from_nothing_flagged_to_everything_flagged() -> None:
     assert png[:4] == b"\x89PNG"
 
 
+def test_a_one_class_cohort_leaves_the_other_figure_undefined() -> None:
+    normals = metrics.at_threshold([0, 0, 0, 0], [0.1, 0.2, 0.6, 0.9], 0.5)
+    assert (normals.sensitivity, normals.specificity, normals.workload_reduction) == (None, 0.5, 0.5)
+    lesions = metrics.at_threshold([1, 1], [0.1, 0.9], 0.5)
+    assert (lesions.sensitivity, lesions.specificity) == (0.5, None)
+    metrics.plot_curves(metrics.curve([0, 0], [0.1, 0.9]), operating_point=normals)  # draws, no point
+
+
 def test_metrics_refuse_bad_input() -> None:
     with pytest.raises(ValueError, match="labels must be 0 or 1"):
         metrics.auc([0, 2], [0.1, 0.2])
@@ -170,3 +178,45 @@ def test_evaluate_reports_froc_and_dice_of_the_active_detector_and_segmenter(
     assert all(0.0 <= value <= 1.0 for value in result["froc"].values())
     assert 0.0 <= result["dice_mean"] <= 1.0
     assert (tmp_path / "eval" / "froc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _import(dataset: str, folder: Path, limit: str) -> None:
+    call_command("import_dataset", dataset, str(folder), "--limit", limit, stdout=io.StringIO())
+
+
+@pytest.mark.django_db
+def test_evaluate_on_normals_only_reports_what_is_ruled_out_and_no_sensitivity(
+    datasets: Path, active_classifier
+) -> None:
+    """A second-source set of normals (DDSM): the share ruled out is the figure; a
+    sensitivity or a FROC would be made up, so both are n/a, with the detector's false
+    marks per image instead."""
+    from tests.triage.test_localise import register_tiny_models
+
+    _import("ddsm-normals", datasets / "ddsm-normals-tissue", "4")
+    register_tiny_models()
+    result = json.loads(run("--cohort", "ddsm-normals", "--json"))
+    assert result["exams"] == 4 and result["abnormal_exams"] == 0
+    point = result["operating_point"]
+    assert point["sensitivity"] is None and 0.0 <= point["specificity"] <= 1.0
+    assert point["workload_reduction"] == point["specificity"]  # every exam is a normal one
+    assert result["auc_abnormal"] is None and result["rule_out_at_full_sensitivity"] is None
+    assert result["froc"] is None and "no lesion box to find in 4 images" in result["froc_note"]
+    assert 1 <= result["false_marks_per_image"] <= 3  # the untrained detector always answers, at most 3 boxes
+    assert result["breast_level"]["breasts"] == 4 and result["breast_level"]["sensitivity"] is None
+    text = run("--cohort", "ddsm-normals")
+    assert "sensitivity n/a, specificity" in text and "false marks per image" in text
+
+
+@pytest.mark.django_db
+def test_evaluate_scores_breasts_where_every_exam_is_abnormal(datasets: Path, active_classifier) -> None:
+    """Mini-DDSM: each case has a benign lesion in one breast, so exams are all
+    abnormal; the lesion breast against the other breast is what can be measured."""
+    _import("mini-ddsm", datasets / "mini-ddsm-benign-sample", "4")  # one case, four views
+    result = json.loads(run("--cohort", "mini-ddsm", "--json", "--score", "classifier"))
+    assert result["exams"] == 1 and result["abnormal_exams"] == 1 and result["auc_abnormal"] is None
+    assert result["operating_point"]["specificity"] is None
+    breasts = result["breast_level"]
+    assert (breasts["breasts"], breasts["abnormal_breasts"]) == (2, 1)
+    assert breasts["auc_abnormal"] in (0.0, 0.5, 1.0)
+    assert breasts["sensitivity"] in (0.0, 1.0) and breasts["specificity"] in (0.0, 1.0)

@@ -121,6 +121,7 @@ class Command(BaseCommand):
             "by_source": {
                 other: _source_figures(labelled, other) for other in SOURCES if selectors.scored_exams(labelled, other)
             },
+            "breast_level": _breast_level(exams, source, threshold),
             "image_level": {
                 "auc_abnormal": metrics.auc(image_abnormal, [e.image_score(source, image) for e, image in images]),
                 "auc_malignant": image_auc_malignant,
@@ -152,7 +153,7 @@ class Command(BaseCommand):
         if options["json"]:
             self.stdout.write(json.dumps(result))
             return
-        op = result["operating_point"]
+        op, breasts = result["operating_point"], result["breast_level"]
         whose = f" (signed-off point {point.pk}'s)" if point else ""
         models = ", ".join(f"{kind} {m.version.name}" for kind, m in loaded.items() if m is not None)
         others = "; ".join(
@@ -175,10 +176,15 @@ class Command(BaseCommand):
             f"{_fmt(result['image_level']['auc_malignant'])} (image)\n"
             f"normals ruled out at 100 % sensitivity: {_fmt(result['rule_out_at_full_sensitivity'])}\n"
             f"at threshold {threshold:.4f} ({'signed-off point ' + str(point.pk) if point else 'no signed-off point'}):"
-            f" sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}, "
+            f" sensitivity {_fmt(op['sensitivity'])}, specificity {_fmt(op['specificity'])}, "
             f"workload reduction {op['workload_reduction']:.3f}\n"
+            f"breast level: AUC {_fmt(breasts['auc_abnormal'])} ({breasts['breasts']} breasts, "
+            f"{breasts['abnormal_breasts']} abnormal); at the threshold sensitivity {_fmt(breasts['sensitivity'])}, "
+            f"specificity {_fmt(breasts['specificity'])}\n"
             f"every score (exam AUC, normals ruled out at 100 % sensitivity): {others}\n"
-            f"FROC: {result['froc'] if result['froc'] is not None else 'n/a'}; Dice: {_fmt(result['dice_mean'])}"
+            f"FROC: {result['froc'] if result['froc'] is not None else 'n/a'}"
+            + (f" ({result['froc_note']})" if result.get("froc_note") else "")
+            + f"; Dice: {_fmt(result['dice_mean'])}"
             + (f" ({result['localisation']})" if result["localisation"] else "")
         )
         if "roc_png" in result:
@@ -195,7 +201,13 @@ class Command(BaseCommand):
         ids = [image[0].instance.pk for e in exams for image in e.images]
         out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="precedent-froc-"))
         report = services.evaluate_localisation(instances=Instance.objects.filter(pk__in=ids), out_dir=out_dir)
-        return {"froc": report.get("froc"), "dice_mean": report.get("dice_mean"), "froc_png": report.get("froc_png")}
+        return {
+            "froc": report.get("froc"),
+            "froc_note": report.get("froc_note", ""),
+            "false_marks_per_image": report.get("false_marks_per_image"),
+            "dice_mean": report.get("dice_mean"),
+            "froc_png": report.get("froc_png"),
+        }
 
 
 def _has_image_score(exam, source: str, image) -> bool:
@@ -204,6 +216,41 @@ def _has_image_score(exam, source: str, image) -> bool:
     except KeyError:
         return False
     return True
+
+
+def _breast_level(exams, source: str, threshold: float) -> dict[str, Any]:
+    """AUC and the operating point's sensitivity/specificity per breast: an exam's images
+    grouped by laterality (as classifier.combine groups them; unknown sides together),
+    a breast abnormal when one of its images is, scored like an exam of those images
+    only (max of each model's evidence). Where every exam is abnormal, as in a set of
+    lesion cases with their other breast, this is the figure that can tell them apart."""
+    from triage.exam_score import exam_score
+
+    labels, scores = [], []
+    for exam in exams:
+        sides: dict[str, list] = {}
+        for image in exam.images:
+            side = (image[0].instance.laterality or "?").upper()[:1]
+            sides.setdefault(side if side in ("L", "R") else "?", []).append(image)
+        for images in sides.values():
+            classifier = [i[1] for i in images if i[1] is not None]
+            detector = [i[3] for i in images if i[3] is not None]
+            score = exam_score(
+                source,
+                p_classifier=max(classifier) if classifier else None,
+                p_detector=max(detector) if detector else None,
+            )
+            if score is not None:
+                labels.append(int(any(i[0].abnormal for i in images)))
+                scores.append(score)
+    at = metrics.at_threshold(labels, scores, threshold) if labels else None
+    return {
+        "auc_abnormal": metrics.auc(labels, scores) if labels else None,
+        "breasts": len(labels),
+        "abnormal_breasts": sum(labels),
+        "sensitivity": at.sensitivity if at else None,
+        "specificity": at.specificity if at else None,
+    }
 
 
 def _source_figures(labelled, source: str) -> dict[str, Any]:
