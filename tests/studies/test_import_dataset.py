@@ -255,6 +255,23 @@ def test_mini_ddsm_keeps_the_jpeg_and_the_ddsm_outlines(datasets: Path) -> None:
     assert [float(v) for v in stored.PixelSpacing] == [0.1, 0.1]  # 50 µm scan, halved
 
 
+def test_mini_ddsm_image_labelled_benign_without_an_outline_is_benign_without_a_box(
+    tmp_path: Path, datasets: Path
+) -> None:
+    """Only the columns the reader needs, and a lesion image whose outline is missing:
+    the image keeps its label (benign, location unknown) instead of passing as normal."""
+    source = datasets / "mini-ddsm-benign-sample"
+    row = next(r for r in csv_rows(source / "labels.csv") if r["label"] == "benign")
+    (tmp_path / "images").symlink_to(source / "images")  # read in place, nothing copied
+    needed = ("image", "patient_id", "ddsm_image_id", "laterality", "view", "label")
+    (tmp_path / "labels.csv").write_text(",".join(needed) + "\n" + ",".join(row[c] for c in needed) + "\n")
+    (tmp_path / "lesions.csv").write_text((source / "lesions.csv").read_text().splitlines()[0] + "\n")
+
+    assert "1 images: 1 stored" in run("mini-ddsm", str(tmp_path))
+    finding = Finding.objects.get()
+    assert (finding.pathology, finding.box) == ("benign", None)
+
+
 def test_mini_ddsm_rejects_an_image_that_is_not_a_greyscale_jpeg(tmp_path: Path, datasets: Path) -> None:
     """A colour JPEG (or anything but an 8-bit greyscale baseline JPEG) is rejected with
     its reason, and nothing is stored for it."""

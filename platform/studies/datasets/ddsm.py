@@ -50,26 +50,17 @@ from .base import (
 
 NORMALS_NAME = "ddsm-normals-tissue"
 NORMALS_FOLDER = "ddsm-normals-tissue"
-NORMALS_COLUMNS = (
-    "image",
-    "patient_id",
-    "ddsm_image_id",
-    "laterality",
-    "view",
-    "label",
-    "tissue_mask",
-    "label_source",
-    "age",
-    "acr_density",
-    "source_split",
-)
+# Required columns; age, acr_density, tissue_mask, label_source and source_split are
+# read when present.
+NORMALS_COLUMNS = ("image", "patient_id", "ddsm_image_id", "laterality", "view", "label")
 # No dates come with the normals; DDSM's release year keeps the bytes reproducible and
 # files the films as old priors, not as new arrivals.
 NORMALS_STUDY_DATE = "19990101"
 
 MINI_NAME = "mini-ddsm-benign"
 MINI_FOLDER = "mini-ddsm-benign-sample"
-MINI_IMAGE_COLUMNS = ("image", "patient_id", "ddsm_image_id", "laterality", "view", "label", "age", "acr_density")
+# Required columns; age, acr_density, width and original_width are read when present.
+MINI_IMAGE_COLUMNS = ("image", "patient_id", "ddsm_image_id", "laterality", "view", "label")
 LESION_COLUMNS = (
     "image",
     "abnormality",
@@ -85,6 +76,7 @@ LESION_COLUMNS = (
     "bbox_y1",
 )
 PATHOLOGY = {"benign": BENIGN, "benign_without_callback": BENIGN, "malignant": MALIGNANT}
+LABEL_PATHOLOGY = {NORMAL: NORMAL, **PATHOLOGY}  # an image's label in labels.csv
 ISSUER = "DDSM"
 
 
@@ -120,7 +112,7 @@ def _normal_item(root: Path, row: dict[str, str]) -> Item:
     ds = image_dataset(
         pixels,
         **_uids(NORMALS_NAME, row["patient_id"], name),
-        **_patient_and_study(row["patient_id"], row["age"]),
+        **_patient_and_study(row["patient_id"], row.get("age", "")),
         StudyDate=NORMALS_STUDY_DATE,
         ContentDate=NORMALS_STUDY_DATE,
         StudyDescription="DDSM normal mammogram (digitised film, cropped and mirrored)",
@@ -129,16 +121,15 @@ def _normal_item(root: Path, row: dict[str, str]) -> Item:
         ImageComments="Cropped to the breast, resized to 480x960 and mirrored by the source (chest wall left)",
         **_film(laterality, view),
     )
-    label = row["label"].lower()
     finding = FindingSpec(
         source_key=f"{NORMALS_NAME}:{name}",
-        pathology=NORMAL if label == NORMAL else UNKNOWN,
+        pathology=LABEL_PATHOLOGY.get(row["label"].lower(), UNKNOWN),
         attributes={
-            "age": _int(row["age"]),
-            "acr_density": _int(row["acr_density"]),
-            "label_source": row["label_source"],
-            "source_split": row["source_split"],
-            "tissue_mask": row["tissue_mask"],
+            "age": _int(row.get("age", "")),
+            "acr_density": _int(row.get("acr_density", "")),
+            "label_source": row.get("label_source", ""),
+            "source_split": row.get("source_split", ""),
+            "tissue_mask": row.get("tissue_mask", ""),
             "mirrored": True,
         },
     )
@@ -177,7 +168,7 @@ def _mini_item(root: Path, row: dict[str, str], outlines: list[dict[str, str]]) 
         ds = jpeg_image_dataset(
             jpeg,
             **_uids(MINI_NAME, row["patient_id"], name),
-            **_patient_and_study(row["patient_id"], row["age"] or header.get("age", "")),
+            **_patient_and_study(row["patient_id"], row.get("age") or header.get("age", "")),
             StudyDate=study_date,
             ContentDate=study_date,
             StudyDescription="DDSM mammograms (digitised film, Mini-DDSM JPEG)",
@@ -189,12 +180,12 @@ def _mini_item(root: Path, row: dict[str, str], outlines: list[dict[str, str]]) 
     except ValueError as exc:
         return Item(name=name, dicom=None, problem=f"{row['image']}: {exc}")
     width, height = int(ds.Columns), int(ds.Rows)
-    common = {"age": _int(row["age"]), "acr_density": _int(row["acr_density"])}
+    common = {"age": _int(row.get("age", "")), "acr_density": _int(row.get("acr_density", ""))}
     if header.get("digitizer"):
         common["digitizer"] = header["digitizer"]
     findings = _lesion_findings(name, outlines, width, height, common)
-    if not findings:
-        pathology = NORMAL if row["label"].lower() == NORMAL else UNKNOWN
+    if not findings:  # a normal image, or a lesion without an outline: its label, no box
+        pathology = LABEL_PATHOLOGY.get(row["label"].lower(), UNKNOWN)
         findings = [FindingSpec(source_key=f"{MINI_NAME}:{name}", pathology=pathology, attributes=common)]
     return Item(name=name, dicom=encode(ds), findings=findings)
 
