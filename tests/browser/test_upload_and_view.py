@@ -45,6 +45,10 @@ def test_upload_a_ct_and_view_it(transactional_db, live_server, user, browser_pa
     assert page.eval_on_selector("[data-image]", "img => [img.naturalWidth, img.naturalHeight]") == [128, 128]
     expect(page.locator("[data-wl-readout]")).to_have_text(re.compile(r"^C -?[\d.]+ W [\d.]+$"))
     expect(page.locator("[data-message]")).to_be_hidden()
+    # No model has drawn anything: the overlay toggles stay out of the way (the toolbar's
+    # display rule once overrode their `hidden` attribute).
+    expect(page.locator("[data-detections-label]")).to_be_hidden()
+    expect(page.locator("[data-masks-label]")).to_be_hidden()
 
     # A preset renders again on the server; the readout follows the headers it returns.
     page.select_option("[data-preset]", "lung")
