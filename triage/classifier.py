@@ -331,6 +331,12 @@ class ImageScore:
     p_malignant: float
 
 
+def breast_side(laterality: str) -> str:
+    """The breast an image belongs to: "L", "R", or "?" when its laterality is unknown."""
+    side = laterality.upper()[:1] if laterality else "?"
+    return side if side in ("L", "R") else "?"
+
+
 def combine(images: Sequence[ImageScore]) -> dict[str, Any]:
     """Per-breast and per-exam scores: the MAX over the images of a breast, and over
     the breasts of an exam.
@@ -344,9 +350,7 @@ def combine(images: Sequence[ImageScore]) -> dict[str, Any]:
     their own group ("?")."""
     breasts: dict[str, dict[str, float]] = {}
     for image in images:
-        side = image.laterality.upper()[:1] if image.laterality else "?"
-        side = side if side in ("L", "R") else "?"
-        current = breasts.setdefault(side, {"p_abnormal": 0.0, "p_malignant": 0.0})
+        current = breasts.setdefault(breast_side(image.laterality), {"p_abnormal": 0.0, "p_malignant": 0.0})
         current["p_abnormal"] = max(current["p_abnormal"], float(image.p_abnormal))
         current["p_malignant"] = max(current["p_malignant"], float(image.p_malignant))
     exam = {
@@ -375,6 +379,7 @@ __all__ = [
     "MammoClassifier",
     "box_to_input",
     "build_classifier",
+    "breast_side",
     "build_from_meta",
     "classifier_meta",
     "combine",

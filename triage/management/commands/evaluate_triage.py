@@ -224,14 +224,14 @@ def _breast_level(exams, source: str, threshold: float) -> dict[str, Any]:
     a breast abnormal when one of its images is, scored like an exam of those images
     only (max of each model's evidence). Where every exam is abnormal, as in a set of
     lesion cases with their other breast, this is the figure that can tell them apart."""
+    from triage.classifier import breast_side
     from triage.exam_score import exam_score
 
     labels, scores = [], []
     for exam in exams:
         sides: dict[str, list] = {}
         for image in exam.images:
-            side = (image[0].instance.laterality or "?").upper()[:1]
-            sides.setdefault(side if side in ("L", "R") else "?", []).append(image)
+            sides.setdefault(breast_side(image[0].instance.laterality), []).append(image)
         for images in sides.values():
             classifier = [i[1] for i in images if i[1] is not None]
             detector = [i[3] for i in images if i[3] is not None]
