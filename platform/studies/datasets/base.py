@@ -179,8 +179,8 @@ def jpeg_image_dataset(
     """A single-frame image whose pixel data is `jpeg` itself, encapsulated unchanged.
 
     For sources that are lossy 8-bit greyscale baseline JPEGs: re-encoding would lose
-    more, and decoding to raw pixels would store 5–10× the bytes. The transfer syntax
-    is JPEG Baseline (PS3.5 A.4.1) and the image is marked as lossy-compressed.
+    more, and raw pixels would take far more room (Mini-DDSM: 121 MB against 6.8 MB).
+    The transfer syntax is JPEG Baseline (PS3.5 A.4.1); the image is marked lossy.
     Raises ValueError for anything but an 8-bit greyscale baseline JPEG.
     """
     try:
