@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -150,18 +151,26 @@ def read_mini_ddsm(path: Path, *, limit: int | None = None) -> Conversion:
         dataset=MINI_NAME,
         description="Mini-DDSM benign cases (DDSM, Heath et al. 2001; Lekamlage et al. 2020), research use only",
         total=len(images),
-        items=(_mini_item(root, row, outlines[row["image"]]) for row in images),
+        items=_mini_items(root, images, outlines),
     )
 
 
-def _mini_item(root: Path, row: dict[str, str], outlines: list[dict[str, str]]) -> Item:
+def _mini_items(root: Path, images: list[dict[str, str]], outlines: dict[str, list[dict[str, str]]]) -> Iterator[Item]:
+    headers: dict[str, dict[str, str]] = {}  # one .ics per case, read once for its four views
+    for row in images:
+        case = row["patient_id"]
+        if case not in headers:
+            headers[case] = _ics_header(root, case)
+        yield _mini_item(root, row, outlines[row["image"]], headers[case])
+
+
+def _mini_item(root: Path, row: dict[str, str], outlines: list[dict[str, str]], header: dict[str, str]) -> Item:
     name = row["ddsm_image_id"] or row["image"]
     path = root / row["image"]
     try:
         jpeg = path.read_bytes()
     except OSError as exc:
         return Item(name=name, dicom=None, problem=f"cannot read {row['image']}: {exc}")
-    header = _ics_header(root, row["patient_id"])
     laterality, view = row["laterality"].upper(), row["view"].upper()
     study_date = header.get("study_date", "")
     try:
