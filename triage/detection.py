@@ -109,10 +109,41 @@ def to_grey(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32, copy=False)
 
 
-def prepare(pixels: np.ndarray, long_side: int, *, monochrome1: bool = False) -> tuple[torch.Tensor, float]:
+@dataclass(frozen=True)
+class Framing:
+    """Where the network's input lies in the image: the region cut out (image pixels,
+    top-left corner x0, y0; the whole image unless cropped to the breast) and the
+    scale region → input. Boxes go both ways with it."""
+
+    scale: float
+    x0: int = 0
+    y0: int = 0
+
+    def to_input(self, boxes: torch.Tensor) -> torch.Tensor:
+        offset = torch.tensor([self.x0, self.y0, self.x0, self.y0], dtype=boxes.dtype)
+        return (boxes - offset) * self.scale
+
+    def to_image(self, boxes: torch.Tensor) -> torch.Tensor:
+        offset = torch.tensor([self.x0, self.y0, self.x0, self.y0], dtype=boxes.dtype)
+        return boxes / self.scale + offset
+
+
+def prepare(
+    pixels: np.ndarray, long_side: int, *, monochrome1: bool = False, breast_crop: bool = False
+) -> tuple[torch.Tensor, Framing]:
     """Windowed 0..1 grey image 1×h×w with its long side `long_side` (aspect kept, no
-    padding: the detector takes any size), and the scale image→input."""
+    padding: the detector takes any size), and where it lies in the image.
+
+    `breast_crop` first cuts the film down to its breast (`segmentation.breast_region`)
+    and windows that: no background, label or film edge for the detector to mark, and
+    the same framing whatever the source left around the breast."""
     grey = to_grey(pixels)
+    x0 = y0 = 0
+    if breast_crop:
+        from .segmentation import breast_region  # segmentation builds on this module
+
+        x0, y0, x1, y1 = breast_region(grey, monochrome1=monochrome1)
+        grey = grey[y0:y1, x0:x1]
     low, high = window(grey)
     rows, cols = grey.shape
     scale = long_side / max(rows, cols)
@@ -123,7 +154,7 @@ def prepare(pixels: np.ndarray, long_side: int, *, monochrome1: bool = False) ->
     tensor = ((tensor - low) / max(high - low, 1e-6)).clamp_(0.0, 1.0)
     if monochrome1:
         tensor = 1.0 - tensor
-    return tensor[0], scale
+    return tensor[0], Framing(scale, x0, y0)
 
 
 # --- the model -------------------------------------------------------------------------
@@ -191,6 +222,7 @@ def make_meta(classes: Sequence[str], config: dict[str, Any], **extra: Any) -> M
         config=config,
         preprocessing={
             "long_side": config.get("input_size", DEFAULT_INPUT_SIZE),
+            "breast_crop": bool(config.get("breast_crop", False)),
             "window_percentiles": list(WINDOW_PERCENTILES),
             "mean": MEAN,
             "std": STD,
@@ -233,14 +265,15 @@ def detect(
     on the same spot would count as a false mark), best first."""
     device = device or next(model.parameters()).device
     long_side = int(meta.preprocessing.get("long_side", DEFAULT_INPUT_SIZE))
-    tensor, scale = prepare(pixels, long_side, monochrome1=monochrome1)
+    breast_crop = bool(meta.preprocessing.get("breast_crop", False))  # older models: the whole film
+    tensor, framing = prepare(pixels, long_side, monochrome1=monochrome1, breast_crop=breast_crop)
     was_training = model.training
     model.eval()
     # fp32 even on CUDA: the boxes are decoded inside the model, and in bf16 a
     # coordinate near 512 is rounded to a multiple of 4 pixels.
     out = model([tensor.to(device)])[0]
     model.train(was_training)
-    boxes = out["boxes"].float().cpu() / scale
+    boxes = framing.to_image(out["boxes"].float().cpu())
     scores, labels = out["scores"].float().cpu(), out["labels"].cpu()
     if len(boxes):
         keep = nms(boxes, scores, float(meta.config.get("nms_thresh", 0.3)))
@@ -324,13 +357,31 @@ def _crop(
     return tensor, boxes, labels
 
 
-def _prepared(samples: Sequence[Sample], long_side: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _prepared(
+    samples: Sequence[Sample], long_side: int, *, breast_crop: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each sample's input tensor with its boxes in input pixels. With `breast_crop`,
+    a box is clipped to the breast's region and dropped when under a quarter of it
+    lies inside (logged: it says the region missed a lesion)."""
     prepared = []
+    dropped = 0
     for sample in samples:
-        tensor, scale = prepare(sample.pixels, long_side, monochrome1=sample.monochrome1)
-        boxes = torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4) * scale
+        tensor, framing = prepare(sample.pixels, long_side, monochrome1=sample.monochrome1, breast_crop=breast_crop)
+        boxes = framing.to_input(torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4))
         labels = torch.tensor(sample.labels, dtype=torch.int64)
+        if breast_crop and len(boxes):
+            _, h, w = tensor.shape
+            clipped = torch.stack(
+                [boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)],
+                dim=1,
+            )
+            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]) >= 0.25 * area
+            dropped += int((~kept).sum())
+            boxes, labels = clipped[kept], labels[kept]
         prepared.append((tensor, boxes, labels))
+    if dropped:
+        log.warning("%d box(es) lie outside their film's breast region and were left out", dropped)
     return prepared
 
 
@@ -349,6 +400,7 @@ def train(
     max_steps: int | None = None,
     max_seconds: float | None = None,
     crop: int | None = None,
+    breast_crop: bool = False,
     augment: bool = True,
     device: torch.device | str | None = None,
     seed: int = 0,
@@ -363,6 +415,8 @@ def train(
     images that have one: a quarter of the pixels of a 512 film for a 256 crop, so
     four times the steps in the same time, at full resolution (the network is fully
     convolutional, so detection still runs on the whole image).
+    `breast_crop` frames every film by its breast region (see `prepare`), in training
+    and, through the saved preprocessing, in `detect`: mammograms only.
     `max_seconds` caps the wall time (on shared CPUs the step time is unknowable in
     advance): the learning-rate schedule then follows whichever of steps or seconds is
     further along, so a run stopped by the clock still ends at a small learning rate.
@@ -389,7 +443,7 @@ def train(
         "detections_per_img": 20,
     }
     model = build(classes, **config).to(device).train()
-    data = _prepared(samples, input_size)
+    data = _prepared(samples, input_size, breast_crop=breast_crop)
     n_neg = min(len(negatives), round(negatives_per_positive * len(positives)))
     steps_per_epoch = math.ceil((len(positives) + n_neg) / batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -430,6 +484,7 @@ def train(
         "epochs": epochs,
         "epochs_run": len(run.losses),
         "crop": crop,
+        "breast_crop": breast_crop,
         "max_seconds": max_seconds,
         "stopped_by_clock": run.stopped_by_clock,
         "batch_size": batch_size,
@@ -444,5 +499,5 @@ def train(
 
 
 def model_config(report: TrainReport) -> dict[str, Any]:
-    """The build arguments of a trained model, for its ModelMeta."""
-    return {k: report.settings[k] for k in _BUILD_KEYS}
+    """The build arguments of a trained model and its framing, for its ModelMeta."""
+    return {k: report.settings[k] for k in (*_BUILD_KEYS, "breast_crop")}

@@ -68,6 +68,7 @@ def test_train_triage_trains_registers_and_activates_a_classifier(datasets: Path
         (("--cohort", "tiny", "--epochs", "0"), "--epochs must be at least 1"),
         (("--cohort", "tiny", "--model", "all", "--name", "x"), "--name names one model"),
         (("--cohort", "tiny", "--crop", "128"), "--crop applies to the detector and segmenter only"),
+        (("--cohort", "tiny", "--model", "segmenter", "--breast-crop"), "--breast-crop applies to the detector only"),
         (("--cohort", "tiny", "--model", "detector", "--max-minutes", "0"), "--max-minutes must be positive"),
         (("--cohort", "tiny", "--model", "segmenter", "--init-from-encoder"), "applies to the classifier only"),
     ],
@@ -82,10 +83,12 @@ def test_train_triage_passes_size_crop_and_time_budget_to_the_detector(datasets:
     import_tiny_cohort(datasets)
     output = run(
         "train_triage", "--cohort", "tiny", "--model", "detector", "--epochs", "1", "--name", "tiny-det",
-        "--input-size", "160", "--batch-size", "2", "--crop", "96", "--max-minutes", "5",
+        "--input-size", "160", "--batch-size", "2", "--crop", "96", "--max-minutes", "5", "--breast-crop",
     )  # fmt: skip
-    settings = TriageModelVersion.objects.get(name="tiny-det").metadata["training"]["settings"]
+    metadata = TriageModelVersion.objects.get(name="tiny-det").metadata
+    settings = metadata["training"]["settings"]
     assert (settings["input_size"], settings["batch_size"], settings["crop"]) == (160, 2, 96)
+    assert settings["breast_crop"] is True and metadata["preprocessing"]["breast_crop"] is True
     assert "detector tiny-det registered" in output
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from triage import detection
+from triage import detection, segmentation
 from triage.weights import load_model_file, save_model
 
 # mdb001: one benign circumscribed mass, centre (535, 599) radius 197 (top-left origin);
@@ -29,13 +29,53 @@ def films(datasets: Path) -> dict[str, np.ndarray]:
 
 def test_prepare_keeps_aspect_and_reports_the_scale(films):
     film = films["mdb001"]
-    tensor, scale = detection.prepare(film, 128)
-    assert tensor.shape == (1, 128, 128) and scale == pytest.approx(0.125)
+    tensor, framing = detection.prepare(film, 128)
+    assert tensor.shape == (1, 128, 128) and framing == detection.Framing(pytest.approx(0.125), 0, 0)
     assert 0.0 <= float(tensor.min()) and float(tensor.max()) <= 1.0
-    wide, scale = detection.prepare(film[:, :512], 128)  # 1024 rows × 512 columns
-    assert wide.shape == (1, 128, 64) and scale == pytest.approx(0.125)
+    wide, framing = detection.prepare(film[:, :512], 128)  # 1024 rows × 512 columns
+    assert wide.shape == (1, 128, 64) and framing.scale == pytest.approx(0.125)
     inverted, _ = detection.prepare(film, 128, monochrome1=True)
     assert torch.allclose(inverted, 1.0 - tensor)
+
+
+def test_breast_crop_frames_the_film_by_its_breast_and_boxes_map_both_ways(films):
+    film = films["mdb001"]
+    x0, y0, x1, y1 = segmentation.breast_region(film)
+    tensor, framing = detection.prepare(film, 128, breast_crop=True)
+    assert (framing.x0, framing.y0) == (x0, y0)
+    assert framing.scale == pytest.approx(128 / max(x1 - x0, y1 - y0))
+    assert tensor.shape == (1, round((y1 - y0) * framing.scale), round((x1 - x0) * framing.scale))
+    # The crop is windowed on its own: still the full 0..1 range.
+    assert float(tensor.min()) == 0.0 and float(tensor.max()) == 1.0
+    lesion = torch.tensor([LESIONS["mdb001"]])
+    on_input = framing.to_input(lesion)
+    assert float(on_input[0, 0]) == pytest.approx((LESIONS["mdb001"][0] - x0) * framing.scale)
+    torch.testing.assert_close(framing.to_image(on_input), lesion)
+
+
+def test_a_breast_crop_detector_marks_only_the_breast_region_in_whole_film_pixels(films):
+    """A film inside a wide black margin: the detector sees the breast's crop only, so
+    every mark lies inside the region, and its boxes are the network's boxes on the
+    crop moved back by the crop's corner."""
+    torch.manual_seed(0)
+    config = {
+        "arch": "fcos-resnet18", "input_size": 128, "score_thresh": 0.0, "detections_per_img": 5, "breast_crop": True,
+    }  # fmt: skip
+    model = detection.build(["CIRC"], **{k: v for k, v in config.items() if k != "breast_crop"}).eval()
+    meta = _meta(config)
+    assert meta.preprocessing["breast_crop"] is True
+    framed = np.zeros((1024 + 200, 1024 + 300), np.uint8)
+    framed[200:, 300:] = films["mdb001"]
+    x0, y0, x1, y1 = segmentation.breast_region(framed)
+    assert x0 >= 300 and y0 >= 150
+    found = detection.detect(model, meta, framed)
+    assert found
+    for box in found:
+        assert x0 <= box.x0 < box.x1 <= x1 and y0 <= box.y0 < box.y1 <= y1
+    tensor, framing = detection.prepare(framed, 128, breast_crop=True)
+    with torch.no_grad():
+        best = model([tensor])[0]["boxes"][:1]
+    np.testing.assert_allclose(found[0].box, framing.to_image(best)[0].numpy(), atol=1e-3)
 
 
 def test_the_detector_takes_one_grey_channel():

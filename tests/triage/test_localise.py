@@ -4,6 +4,7 @@ orphans), and the evaluation."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,28 @@ def test_evaluate_localisation_reports_froc_and_dice(mammogram, ingest, tmp_path
 
 
 @pytest.mark.django_db
+def test_breast_crop_is_for_cohorts_of_mammograms(mammogram, ingest):
+    """The detector crops to the breast when asked to, and refuses to on a cohort
+    with chest films; unasked, it sees whole films."""
+    cohort = Cohort.objects.create(name="mixed")
+    mammo = localisation.cohort_images(cohort, keep_long_side=64, instances=_instances(ingest(mammogram())))
+    assert [i.task for i in mammo] == ["mammography"]
+    chest = [replace(mammo[0], task="chest")]
+    assert localisation._breast_crop(cohort, mammo, True) is True
+    assert localisation._breast_crop(cohort, mammo, None) is False
+    assert localisation._breast_crop(cohort, mammo + chest, None) is False
+    assert localisation._breast_crop(cohort, mammo + chest, False) is False
+    with pytest.raises(ValueError, match="breast cropping is for mammograms, and cohort 'mixed' also holds chest"):
+        localisation._breast_crop(cohort, mammo + chest, True)
+
+
+def _instances(*instances):
+    from studies.models import Instance
+
+    return Instance.objects.filter(pk__in=[i.pk for i in instances])
+
+
+@pytest.mark.django_db
 def test_trainers_read_the_cohort_and_register_versions(mammogram, ingest):
     boxed = ingest(mammogram(patient_id="P-1"))
     normal = ingest(mammogram(patient_id="P-2"))
@@ -194,6 +217,7 @@ def test_trainers_read_the_cohort_and_register_versions(mammogram, ingest):
     training = detector.metadata["training"]
     assert training["cohort"] == "tiny" and training["tasks"] == ["mammography"] and "summary" in training
     assert training["settings"]["boxes"] == 1 and training["settings"]["images"] == 2
+    assert detector.metadata["preprocessing"]["breast_crop"] is False  # unless asked for
 
     segmenter = services.train_segmenter(
         cohort=cohort, epochs=1, progress=False, input_size=64, widths=(8, 16), activate=True

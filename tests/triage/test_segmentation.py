@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 from PIL import Image
@@ -53,6 +55,40 @@ def test_weak_breast_mask_covers_the_breast_not_the_background(films):
         assert not mask[corner].any(), name
     # mdb001's lesion centre lies inside the breast.
     assert segmentation.breast_mask(films["mdb001"])[599, 535]
+
+
+def test_breast_region_frames_the_breast_and_leaves_the_background(films):
+    for name, film in films.items():
+        x0, y0, x1, y1 = segmentation.breast_region(film)
+        assert 0 <= x0 < x1 <= film.shape[1] and 0 <= y0 < y1 <= film.shape[0], name
+        mask = segmentation.breast_mask(film)
+        assert mask[y0:y1, x0:x1].sum() >= 0.99 * mask.sum(), name
+        # A MIAS film is mostly background beside the breast.
+        assert (x1 - x0) * (y1 - y0) < 0.7 * film.size, name
+    x0, y0, x1, y1 = segmentation.breast_region(films["mdb001"])
+    lx0, ly0, lx1, ly1 = MDB001_CIRCLE
+    assert x0 <= lx0 and y0 <= ly0 and lx1 <= x1 and ly1 <= y1  # the lesion's whole circle
+    # Nothing breast-like: the whole image.
+    assert segmentation.breast_region(np.zeros((300, 200), np.uint8)) == (0, 0, 200, 300)
+
+
+def test_breast_region_cuts_the_film_edge_and_keeps_every_ddsm_lesion(datasets):
+    """The Mini-DDSM scans' bright unexposed film edge touches the breast; the weak
+    mask keeps it (its box would be the whole film), the region must not, and it must
+    keep each of the 14 outlined lesions whole."""
+    from studies.datasets import ddsm
+
+    lesions = 0
+    for item in ddsm.read_mini_ddsm(datasets).items:
+        film = pydicom.dcmread(io.BytesIO(item.dicom)).pixel_array
+        x0, y0, x1, y1 = segmentation.breast_region(film)
+        assert (x1 - x0) * (y1 - y0) < 0.9 * film.size, item.name
+        for finding in item.findings:
+            if finding.box is not None:
+                bx0, by0, bx1, by1 = finding.box
+                assert x0 <= bx0 and y0 <= by0 and bx1 <= x1 and by1 <= y1, (item.name, finding.box)
+                lesions += 1
+    assert lesions == 14
 
 
 def test_weak_breast_mask_agrees_with_expert_tissue_maps(datasets):

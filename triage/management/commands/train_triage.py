@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,13 @@ class Command(BaseCommand):
             "--crop", type=int, default=None, help="detector and segmenter: train on crop×crop windows of the film"
         )
         parser.add_argument(
+            "--breast-crop",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="detector: frame each film by its breast region, no background or label to mark (mammograms only; "
+            "default off)",
+        )
+        parser.add_argument(
             "--max-minutes",
             type=float,
             default=None,
@@ -80,8 +88,10 @@ class Command(BaseCommand):
                 )
                 if value is not None
             },
+            "detector": {} if options["breast_crop"] is None else {"breast_crop": options["breast_crop"]},
         }
-        for group, applies in (("classifier", {"classifier"}), ("localiser", {"detector", "segmenter"})):
+        groups = (("classifier", {"classifier"}), ("localiser", {"detector", "segmenter"}), ("detector", {"detector"}))
+        for group, applies in groups:
             if only[group] and not applies & set(kinds):
                 flag = {"max_seconds": "max_minutes"}.get(next(iter(only[group])), next(iter(only[group])))
                 raise CommandError(f"--{flag.replace('_', '-')} applies to the {' and '.join(sorted(applies))} only")
@@ -100,6 +110,7 @@ class Command(BaseCommand):
                     progress=options["verbosity"] > 0,
                     **common,
                     **only["classifier" if kind == "classifier" else "localiser"],
+                    **(only["detector"] if kind == "detector" else {}),
                 )
             except ValueError as exc:  # ModelFileError and bad cohorts are ValueErrors with one-line reasons
                 raise CommandError(f"{kind}: {exc}") from None
