@@ -340,21 +340,29 @@ def _crop(
     else:
         left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
     tensor = tensor[:, top : top + ch, left : left + cw]
-    if len(boxes):
-        shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
-        clipped = torch.stack(
-            [
-                shifted[:, 0].clamp(0, cw),
-                shifted[:, 1].clamp(0, ch),
-                shifted[:, 2].clamp(0, cw),
-                shifted[:, 3].clamp(0, ch),
-            ],
-            dim=1,
-        )
-        area = (shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])
-        kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]) >= 0.25 * area
-        boxes, labels = clipped[kept], labels[kept]
-    return tensor, boxes, labels
+    shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
+    return (tensor, *_clip_boxes(shifted, labels, cw, ch))
+
+
+def _clip_boxes(
+    boxes: torch.Tensor, labels: torch.Tensor, width: int, height: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes clipped to a width×height window; one left with under a quarter of its
+    area is dropped with its label."""
+    if not len(boxes):
+        return boxes, labels
+    clipped = torch.stack(
+        [
+            boxes[:, 0].clamp(0, width),
+            boxes[:, 1].clamp(0, height),
+            boxes[:, 2].clamp(0, width),
+            boxes[:, 3].clamp(0, height),
+        ],
+        dim=1,
+    )
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]) >= 0.25 * area
+    return clipped[kept], labels[kept]
 
 
 def _prepared(
@@ -369,16 +377,10 @@ def _prepared(
         tensor, framing = prepare(sample.pixels, long_side, monochrome1=sample.monochrome1, breast_crop=breast_crop)
         boxes = framing.to_input(torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4))
         labels = torch.tensor(sample.labels, dtype=torch.int64)
-        if breast_crop and len(boxes):
-            _, h, w = tensor.shape
-            clipped = torch.stack(
-                [boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)],
-                dim=1,
-            )
-            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-            kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]) >= 0.25 * area
-            dropped += int((~kept).sum())
-            boxes, labels = clipped[kept], labels[kept]
+        if breast_crop:
+            before = len(boxes)
+            boxes, labels = _clip_boxes(boxes, labels, tensor.shape[-1], tensor.shape[-2])
+            dropped += before - len(boxes)
         prepared.append((tensor, boxes, labels))
     if dropped:
         log.warning("%d box(es) lie outside their film's breast region and were left out", dropped)

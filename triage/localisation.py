@@ -209,7 +209,7 @@ def train_detector(
     options = {**DETECTOR_DEFAULTS, **options}
     input_size = int(options["input_size"])
     images = [i for i in cohort_images(cohort, keep_long_side=KEEP_FACTOR * input_size, progress=progress) if i.located]
-    options["breast_crop"] = _breast_crop(cohort, images, options.get("breast_crop"))
+    options["breast_crop"] = _breast_crop(cohort, images, bool(options.get("breast_crop")))
     classes = sorted({label for i in images for label in i.labels})
     if not classes:
         raise ValueError(f"cohort {cohort.name!r} has no finding with a box to train a detector on")
@@ -232,7 +232,7 @@ def train_detector(
     return triage_model_register(kind="detector", model=model, meta=meta, name=name, activate=activate)
 
 
-def _breast_crop(cohort: Cohort, images: Sequence[LabelledImage], asked: bool | None) -> bool:
+def _breast_crop(cohort: Cohort, images: Sequence[LabelledImage], asked: bool) -> bool:
     """Whether the detector frames films by their breast (off unless asked for: on the
     MIAS split it changed neither FROC nor exam AUC beyond the spread between seeds,
     see the README). A chest film has no breast to crop to, so a cohort holding any

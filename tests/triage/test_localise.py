@@ -183,8 +183,7 @@ def test_breast_crop_is_for_cohorts_of_mammograms(mammogram, ingest):
     assert [i.task for i in mammo] == ["mammography"]
     chest = [replace(mammo[0], task="chest")]
     assert localisation._breast_crop(cohort, mammo, True) is True
-    assert localisation._breast_crop(cohort, mammo, None) is False
-    assert localisation._breast_crop(cohort, mammo + chest, None) is False
+    assert localisation._breast_crop(cohort, mammo, False) is False
     assert localisation._breast_crop(cohort, mammo + chest, False) is False
     with pytest.raises(ValueError, match="breast cropping is for mammograms, and cohort 'mixed' also holds chest"):
         localisation._breast_crop(cohort, mammo + chest, True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +51,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--breast-crop",
-            action=argparse.BooleanOptionalAction,
-            default=None,
+            action="store_true",
             help="detector: frame each film by its breast region, no background or label to mark (mammograms only; "
             "default off)",
         )
@@ -88,7 +86,7 @@ class Command(BaseCommand):
                 )
                 if value is not None
             },
-            "detector": {} if options["breast_crop"] is None else {"breast_crop": options["breast_crop"]},
+            "detector": {"breast_crop": True} if options["breast_crop"] else {},
         }
         groups = (("classifier", {"classifier"}), ("localiser", {"detector", "segmenter"}), ("detector", {"detector"}))
         for group, applies in groups:
