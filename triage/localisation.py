@@ -489,7 +489,11 @@ def evaluate_localisation(*, instances, out_dir: Path, progress: bool = False) -
             continue
         if detector is not None:
             found = detect_instance(detector, instance, (pixels, monochrome1))
-            cases.append(metrics.ImageCase([(b.score, b.box) for b in found], [tuple(b) for b in entry["boxes"]]))
+            cases.append(
+                metrics.ImageCase(
+                    [(b.score, b.box) for b in found], [tuple(b) for b in entry["boxes"]], list(entry["labels"])
+                )
+            )
         if segmenter is not None:
             predicted = segmentation.predict(segmenter.module, segmenter.meta, pixels, monochrome1=monochrome1)
             if LESION in predicted and entry["boxes"]:
@@ -507,6 +511,14 @@ def evaluate_localisation(*, instances, out_dir: Path, progress: bool = False) -
         result["false_marks_per_image"] = curve.false_marks_per_image[-1] if curve.false_marks_per_image else 0.0
         if curve.lesions:
             result["froc"] = {f"{rate:g}": metrics.sensitivity_at(curve, rate) for rate in metrics.FROC_RATES}
+            # Which kinds of lesion it finds (MIAS: masses, calcifications, distortions ...).
+            result["froc_by_class"] = {
+                label: {
+                    "lesions": by_class.lesions,
+                    **{f"{rate:g}": metrics.sensitivity_at(by_class, rate) for rate in metrics.FROC_RATES},
+                }
+                for label, by_class in metrics.froc_by_class(cases).items()
+            }
             png = out_dir / "froc.png"
             metrics.plot_froc(curve, png, title=f"FROC, {detector.version.name}")
             result["froc_png"] = str(png)

@@ -11,7 +11,10 @@ comparable with them:
 - a lesion counts as found when any detection at or above the threshold hits it;
 - a detection that hits some lesion is never a false mark, even when another
   detection hit that lesion first (no double penalty for two marks on one lesion);
-- false marks per image divide by every image, lesion-free ones included.
+- false marks per image divide by every image, lesion-free ones included;
+- per class (`froc(cases, lesion_class=...)`, `froc_by_class`), sensitivity counts
+  that class's lesions at the false-mark rate of all marks: a mark on a lesion of
+  another class is neither a find nor a false mark.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ Box = tuple[float, float, float, float]
 class ImageCase:
     detections: Sequence[tuple[float, Box]]  # (score, box)
     lesions: Sequence[Box]
+    lesion_classes: Sequence[str] = ()  # one per lesion, when per-class figures are wanted
 
 
 @dataclass
@@ -57,16 +61,23 @@ def hits(detection: Box, lesion: Box, min_iou: float = HIT_IOU) -> bool:
     return inside or iou(detection, lesion) >= min_iou
 
 
-def froc(cases: Sequence[ImageCase]) -> FrocCurve:
-    """The FROC curve, one point per distinct score (highest first)."""
+def froc(cases: Sequence[ImageCase], *, lesion_class: str | None = None) -> FrocCurve:
+    """The FROC curve, one point per distinct score (highest first); with
+    `lesion_class`, the sensitivity for that class's lesions only."""
     marks: list[tuple[float, int, list[int]]] = []  # score, image, lesion ids hit
+    counted: set[int] = set()  # the lesion ids the sensitivity is over
     offset = 0
     for image, case in enumerate(cases):
+        if lesion_class is not None and len(case.lesion_classes) != len(case.lesions):
+            raise ValueError("per-class FROC needs a class for every lesion")
+        for j in range(len(case.lesions)):
+            if lesion_class is None or case.lesion_classes[j] == lesion_class:
+                counted.add(offset + j)
         for score, box in case.detections:
             hit = [offset + j for j, lesion in enumerate(case.lesions) if hits(box, lesion)]
             marks.append((float(score), image, hit))
         offset += len(case.lesions)
-    curve = FrocCurve(lesions=offset, images=len(cases))
+    curve = FrocCurve(lesions=len(counted), images=len(cases))
     if not cases:
         return curve
     marks.sort(key=lambda m: -m[0])
@@ -74,15 +85,21 @@ def froc(cases: Sequence[ImageCase]) -> FrocCurve:
     false_marks = 0
     for n, (score, _, hit) in enumerate(marks):
         if hit:
-            found.update(hit)
+            found.update(counted.intersection(hit))
         else:
             false_marks += 1
         if n + 1 < len(marks) and marks[n + 1][0] == score:
             continue  # ties enter together
         curve.thresholds.append(score)
-        curve.sensitivity.append(len(found) / offset if offset else 0.0)
+        curve.sensitivity.append(len(found) / len(counted) if counted else 0.0)
         curve.false_marks_per_image.append(false_marks / len(cases))
     return curve
+
+
+def froc_by_class(cases: Sequence[ImageCase]) -> dict[str, FrocCurve]:
+    """One curve per lesion class present (sorted by class name)."""
+    classes = sorted({c for case in cases for c in case.lesion_classes})
+    return {c: froc(cases, lesion_class=c) for c in classes}
 
 
 def sensitivity_at(curve: FrocCurve, false_marks_per_image: float) -> float:

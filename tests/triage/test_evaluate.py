@@ -176,6 +176,10 @@ def test_evaluate_reports_froc_and_dice_of_the_active_detector_and_segmenter(
     assert len(calls) == result["image_level"]["images"] == 8
     assert set(result["froc"]) == {"0.5", "1", "2"}
     assert all(0.0 <= value <= 1.0 for value in result["froc"].values())
+    # Per lesion class: the tiny cohort's MIAS classes, their lesions adding up.
+    by_class = result["froc_by_class"]
+    assert by_class and all(set(v) == {"lesions", "0.5", "1", "2"} for v in by_class.values())
+    assert sum(v["lesions"] for v in by_class.values()) == result["lesions"]
     assert 0.0 <= result["dice_mean"] <= 1.0
     assert (tmp_path / "eval" / "froc.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -46,6 +46,29 @@ def test_froc_on_hand_made_cases():
     assert lm.sensitivity_at(lm.froc([lm.ImageCase([(0.9, (0, 0, 1, 1))], [(5, 5, 9, 9)])]), 0.5) == 0.0
 
 
+def test_froc_per_lesion_class_counts_that_class_at_the_rate_of_all_marks():
+    cases = [
+        # A mass found at 0.9, a calcification at 0.4; one false mark at 0.8.
+        lm.ImageCase(
+            [(0.9, (0, 0, 10, 10)), (0.8, (50, 50, 60, 60)), (0.4, (100, 100, 104, 104))],
+            [(0, 0, 10, 10), (100, 100, 105, 105)],
+            ["MASS", "CALC"],
+        ),
+        lm.ImageCase([(0.6, (0, 0, 5, 5))], [(20, 20, 30, 30)], ["CALC"]),  # a missed calcification
+    ]
+    by_class = lm.froc_by_class(cases)
+    assert list(by_class) == ["CALC", "MASS"]
+    assert (by_class["MASS"].lesions, by_class["CALC"].lesions) == (1, 2)
+    # At 0.5 false marks per image (the 0.8 mark): the mass found, no calcification yet.
+    assert lm.sensitivity_at(by_class["MASS"], 0.5) == 1.0 and lm.sensitivity_at(by_class["CALC"], 0.5) == 0.0
+    # The mark on the mass is no false mark for the calcification curve either.
+    assert by_class["CALC"].false_marks_per_image == lm.froc(cases).false_marks_per_image
+    assert lm.sensitivity_at(by_class["CALC"], 1.0) == 0.5
+    assert lm.froc(cases, lesion_class="ARCH").lesions == 0
+    with pytest.raises(ValueError, match="a class for every lesion"):
+        lm.froc([lm.ImageCase([], [(0, 0, 1, 1)])], lesion_class="MASS")
+
+
 def test_dice_on_hand_made_masks(tmp_path):
     a = np.zeros((10, 10), dtype=bool)
     b = np.zeros((10, 10), dtype=bool)

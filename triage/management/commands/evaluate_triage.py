@@ -186,6 +186,7 @@ class Command(BaseCommand):
             + (f" ({result['froc_note']})" if result.get("froc_note") else "")
             + f"; Dice: {_fmt(result['dice_mean'])}"
             + (f" ({result['localisation']})" if result["localisation"] else "")
+            + _by_class_line(result.get("froc_by_class"))
         )
         if "roc_png" in result:
             self.stdout.write(f"curves: {result['roc_png']}")
@@ -203,11 +204,21 @@ class Command(BaseCommand):
         report = services.evaluate_localisation(instances=Instance.objects.filter(pk__in=ids), out_dir=out_dir)
         return {
             "froc": report.get("froc"),
+            "froc_by_class": report.get("froc_by_class"),
+            "lesions": report.get("lesions"),
             "froc_note": report.get("froc_note", ""),
             "false_marks_per_image": report.get("false_marks_per_image"),
             "dice_mean": report.get("dice_mean"),
             "froc_png": report.get("froc_png"),
         }
+
+
+def _by_class_line(by_class: dict[str, dict[str, Any]] | None) -> str:
+    """ "\nFROC by lesion class …" (0.5 / 1 / 2 false marks per image, lesions), or ""."""
+    if not by_class:
+        return ""
+    parts = (f"{label} {v['0.5']:.2f}/{v['1']:.2f}/{v['2']:.2f} ({v['lesions']})" for label, v in by_class.items())
+    return "\nFROC by lesion class (0.5/1/2 false marks per image, lesions): " + "; ".join(parts)
 
 
 def _has_image_score(exam, source: str, image) -> bool:
