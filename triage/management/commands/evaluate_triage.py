@@ -214,7 +214,8 @@ class Command(BaseCommand):
 
 
 def _by_class_line(by_class: dict[str, dict[str, Any]] | None) -> str:
-    """ "\nFROC by lesion class …" (0.5 / 1 / 2 false marks per image, lesions), or ""."""
+    """The text output's line of per-class FROC figures (sensitivity at 0.5 / 1 / 2 false
+    marks per image, and the class's lesions), or nothing without lesion classes."""
     if not by_class:
         return ""
     parts = (f"{label} {v['0.5']:.2f}/{v['1']:.2f}/{v['2']:.2f} ({v['lesions']})" for label, v in by_class.items())
