@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,9 @@ def test_evaluate_reports_froc_and_dice_of_the_active_detector_and_segmenter(
     by_class = result["froc_by_class"]
     assert by_class and all(set(v) == {"lesions", "0.5", "1", "2"} for v in by_class.values())
     assert sum(v["lesions"] for v in by_class.values()) == result["lesions"]
+    text = run("--cohort", "tiny")
+    assert re.search(r"FROC \(0\.5/1/2 false marks per image\): \d\.\d\d/\d\.\d\d/\d\.\d\d \(\d+ lesions\)", text)
+    assert re.search(r"FROC by lesion class: \w+ \d\.\d\d/", text)
     assert 0.0 <= result["dice_mean"] <= 1.0
     assert (tmp_path / "eval" / "froc.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -182,7 +182,7 @@ class Command(BaseCommand):
             f"{breasts['abnormal_breasts']} abnormal); at the threshold sensitivity {_fmt(breasts['sensitivity'])}, "
             f"specificity {_fmt(breasts['specificity'])}\n"
             f"every score (exam AUC, normals ruled out at 100 % sensitivity): {others}\n"
-            f"FROC: {result['froc'] if result['froc'] is not None else 'n/a'}"
+            f"FROC (0.5/1/2 false marks per image): {_froc_text(result['froc'], result.get('lesions'))}"
             + (f" ({result['froc_note']})" if result.get("froc_note") else "")
             + f"; Dice: {_fmt(result['dice_mean'])}"
             + (f" ({result['localisation']})" if result["localisation"] else "")
@@ -213,13 +213,19 @@ class Command(BaseCommand):
         }
 
 
+def _froc_text(froc: dict[str, float] | None, lesions: int | None) -> str:
+    if froc is None:
+        return "n/a"
+    return f"{froc['0.5']:.2f}/{froc['1']:.2f}/{froc['2']:.2f} ({lesions} lesions)"
+
+
 def _by_class_line(by_class: dict[str, dict[str, Any]] | None) -> str:
     """The text output's line of per-class FROC figures (sensitivity at 0.5 / 1 / 2 false
     marks per image, and the class's lesions), or nothing without lesion classes."""
     if not by_class:
         return ""
-    parts = (f"{label} {v['0.5']:.2f}/{v['1']:.2f}/{v['2']:.2f} ({v['lesions']})" for label, v in by_class.items())
-    return "\nFROC by lesion class (0.5/1/2 false marks per image, lesions): " + "; ".join(parts)
+    parts = (f"{label} {_froc_text(v, v['lesions'])}" for label, v in by_class.items())
+    return "\nFROC by lesion class: " + "; ".join(parts)
 
 
 def _has_image_score(exam, source: str, image) -> bool:
