@@ -154,7 +154,7 @@ def test_service_and_rest_paths(tmp_path, precedent_home):
         assert len(result["round_instances_per_s"]) == 2  # the median round is reported, every round listed
         assert result["instances_per_s"] == min(result["round_instances_per_s"])
     assert figures["conditions"]["precedent_fsync"] is False  # test settings
-    assert "gunicorn 2 sync workers" in figures["conditions"]["rest_server"]
+    assert "gunicorn 2 gthread workers" in figures["conditions"]["rest_server"]
     assert re.search(r"\| ct\s+\| rest\s+\|\s+2 \|", output)
     stats = pstats.Stats(str(tmp_path / "prof" / "service-ct.prof"))
     phases = dict((label, ms) for label, ms, _ in bench.profile_phases(stats, 3))

@@ -118,7 +118,14 @@ class Command(BaseCommand):
             "--batch-size", type=int, default=8, help="files per request of the batch body (default %(default)s)"
         )
         parser.add_argument("--orthanc", type=Path, default=ORTHANC_BINARY, help="Orthanc binary (default %(default)s)")
-        parser.add_argument("--workers", type=int, default=None, help="gunicorn sync workers (default: most clients)")
+        parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: most clients)")
+        parser.add_argument(
+            "--worker-class",
+            choices=["gthread", "sync"],
+            default="gthread",
+            help="gunicorn worker class: gthread (one thread per worker here) keeps the connection open for the "
+            "client's next request, as the README's deployment does; sync closes it after each (default %(default)s)",
+        )
         parser.add_argument(
             "--json",
             type=Path,
@@ -210,9 +217,10 @@ class Command(BaseCommand):
             servers.token = Token.objects.create(user=self.bench_user).key
             workers = options["workers"] or max(clients)
             servers.warm_clients = max(servers.warm_clients, workers)
-            servers.rest_port = stack.enter_context(self._gunicorn(workdir, workers, servers.token)).port
+            worker_class = options["worker_class"]
+            servers.rest_port = stack.enter_context(self._gunicorn(workdir, workers, worker_class, servers.token)).port
             conditions["rest_server"] = (
-                f"gunicorn {workers} sync workers, precedent.settings.dev with DJANGO_DEBUG=false, "
+                f"gunicorn {workers} {worker_class} workers, precedent.settings.dev with DJANGO_DEBUG=false, "
                 "DATABASE_URL to this command's database (CONN_MAX_AGE=60)"
             )
         if orthanc_binary is not None:
@@ -332,7 +340,7 @@ class Command(BaseCommand):
     # --- servers and conditions --------------------------------------------------------
 
     @contextmanager
-    def _gunicorn(self, workdir: Path, workers: int, token: str) -> Iterator[bench.ServerProcess]:
+    def _gunicorn(self, workdir: Path, workers: int, worker_class: str, token: str) -> Iterator[bench.ServerProcess]:
         """The project's WSGI app under gunicorn, on the database this command uses.
 
         precedent.wsgi defaults to production settings (secret from the environment,
@@ -364,7 +372,8 @@ class Command(BaseCommand):
             "--workers",
             str(workers),
             "--worker-class",
-            "sync",
+            worker_class,
+            *(["--threads", "1"] if worker_class == "gthread" else []),
             "--timeout",
             "300",
             "--graceful-timeout",
