@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -76,6 +77,50 @@ def auc_interval(
     return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
 
 
+def proportion_interval(successes: int, trials: int, *, level: float = 0.95) -> tuple[float, float] | None:
+    """The exact (Clopper–Pearson) interval of a proportion such as a sensitivity:
+    15 of 15 abnormal exams flagged is 0.782–1.000 at 95 %, which is all a validation
+    cohort of 15 abnormal exams can promise. None for no trials."""
+    if not 0 < level < 1:
+        raise ValueError(f"need 0 < level < 1, got {level}")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials, got {successes} of {trials}")
+    if trials == 0:
+        return None
+    tail = (1 - level) / 2
+
+    def at_least(p: float) -> float:  # P(X >= successes) for X ~ Binomial(trials, p); rises with p
+        return sum(_binomial_pmf(i, trials, p) for i in range(successes, trials + 1))
+
+    def at_most(p: float) -> float:  # P(X <= successes); falls as p rises
+        return sum(_binomial_pmf(i, trials, p) for i in range(0, successes + 1))
+
+    lower = 0.0 if successes == 0 else _bisect(lambda p: at_least(p) - tail, rising=True)
+    upper = 1.0 if successes == trials else _bisect(lambda p: at_most(p) - tail, rising=False)
+    return lower, upper
+
+
+def _binomial_pmf(k: int, n: int, p: float) -> float:
+    if p <= 0.0:
+        return 1.0 if k == 0 else 0.0
+    if p >= 1.0:
+        return 1.0 if k == n else 0.0
+    log_pmf = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+    return math.exp(log_pmf + k * math.log(p) + (n - k) * math.log1p(-p))
+
+
+def _bisect(f, *, rising: bool, steps: int = 60) -> float:
+    """The root of a monotone f on [0, 1]."""
+    low, high = 0.0, 1.0
+    for _ in range(steps):
+        mid = (low + high) / 2
+        if (f(mid) < 0) == rising:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
 @dataclass(frozen=True)
 class CurvePoint:
     threshold: float
@@ -118,6 +163,22 @@ def at_threshold(labels: Sequence[int], scores: Sequence[float], threshold: floa
         specificity=float((~flagged & (y == 0)).sum()) / negatives if negatives else None,
         workload_reduction=float((~flagged).sum()) / len(y) if len(y) else 0.0,
     )
+
+
+def counts_at(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict[str, Any]:
+    """Sensitivity and specificity at a threshold as counts (flagged abnormal exams of
+    all abnormal, ruled-out normals of all normals) with their exact 95 % intervals
+    (`proportion_interval`; None for a class the cohort lacks)."""
+    y, s = _arrays(labels, scores)
+    flagged = s >= threshold
+    tp, positives = int((flagged & (y == 1)).sum()), int(y.sum())
+    tn, negatives = int((~flagged & (y == 0)).sum()), int((1 - y).sum())
+    return {
+        "sensitivity_counts": [tp, positives],
+        "sensitivity_ci95": proportion_interval(tp, positives),
+        "specificity_counts": [tn, negatives],
+        "specificity_ci95": proportion_interval(tn, negatives),
+    }
 
 
 def threshold_for_sensitivity(labels: Sequence[int], scores: Sequence[float], target: float = 1.0) -> CurvePoint:

@@ -727,6 +727,8 @@ def operating_point_compute(
         "patients": len(patients),
         "auc_abnormal": metrics.auc(labels, scores),
         "rule_out_at_full_sensitivity": metrics.rule_out_at_full_sensitivity(labels, scores),
+        # What the validation cohort's size lets the point promise (exact 95 % intervals).
+        **metrics.counts_at(labels, scores, point.threshold),
         "curve": metrics.curve_dicts(metrics.curve(labels, scores)),
         "classifier": classifier.version.name if classifier else None,
         "detector": detector.version.name if detector else None,

@@ -107,6 +107,10 @@ def test_calibrate_stores_an_operating_point_not_signed_off(datasets: Path, acti
     assert point.sensitivity == 1.0  # the default target keeps every abnormal exam
     assert point.validation["exams"] == 4 and point.validation["abnormal_exams"] == 2
     assert point.validation["curve"][0]["threshold"] is None  # +inf: nothing flagged
+    # All 2 abnormal exams flagged: an exact 95 % interval of 0.158-1.000 is all 2 can promise.
+    assert point.validation["sensitivity_counts"] == [2, 2]
+    assert point.validation["sensitivity_ci95"] == [pytest.approx(0.025**0.5), 1.0]
+    assert "sensitivity 1.000 (target 1; 2/2, 95 % CI 0.158–1.000)" in output
     assert list(point.model_versions.all()) == [active_classifier]
     # Only a classifier active: its P(abnormal) is the score, recorded with the point.
     assert point.score_source == "classifier" and point.validation["score_source"] == "classifier"
@@ -290,10 +294,13 @@ def test_calibration_page_draws_curves_and_signs_off_with_an_audit(
     client, admin, active_classifier, django_capture_on_commit_callbacks
 ) -> None:
     point = _computed_point(active_classifier, 0.4)
+    point.validation.update(sensitivity_counts=[2, 2], sensitivity_ci95=[0.158, 1.0])
+    point.save(update_fields=["validation"])
     client.force_login(admin)
     page = client.get(reverse("triage:calibration"))
     assert page.status_code == 200
     assert f"Operating point {point.pk}" in page.text and "Sign off" in page.text
+    assert "2 of 2 abnormal exams flagged, 95 % CI 0.158–1.000" in page.text
     png = client.get(reverse("triage:calibration-curves", args=[point.pk]))
     assert png.status_code == 200 and png["Content-Type"] == "image/png" and png.content[:4] == b"\x89PNG"
     with django_capture_on_commit_callbacks(execute=True):

@@ -83,6 +83,26 @@ def test_a_one_class_cohort_leaves_the_other_figure_undefined() -> None:
     metrics.plot_curves(metrics.curve([0, 0], [0.1, 0.9]), operating_point=normals)  # draws, no point
 
 
+def test_exact_intervals_of_a_proportion() -> None:
+    # Clopper-Pearson: all of n has lower bound (alpha/2)^(1/n); 5 of 10 is 0.187-0.813.
+    low, high = metrics.proportion_interval(15, 15)
+    assert low == pytest.approx(0.025 ** (1 / 15), abs=1e-9) and high == 1.0
+    assert metrics.proportion_interval(0, 10) == (0.0, pytest.approx(1 - 0.025 ** (1 / 10), abs=1e-9))
+    assert metrics.proportion_interval(5, 10) == (pytest.approx(0.18709, abs=1e-5), pytest.approx(0.81291, abs=1e-5))
+    narrow, wide = metrics.proportion_interval(400, 1000), metrics.proportion_interval(4, 10)
+    assert wide[0] < narrow[0] < 0.4 < narrow[1] < wide[1]
+    assert metrics.proportion_interval(0, 0) is None
+    with pytest.raises(ValueError, match="successes <= trials"):
+        metrics.proportion_interval(3, 2)
+
+
+def test_counts_at_a_threshold_carry_their_intervals() -> None:
+    counts = metrics.counts_at([1, 1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1, 0.6], 0.5)
+    assert counts["sensitivity_counts"] == [2, 3] and counts["specificity_counts"] == [1, 2]
+    assert counts["sensitivity_ci95"] == metrics.proportion_interval(2, 3)
+    assert metrics.counts_at([0, 0], [0.1, 0.9], 0.5)["sensitivity_ci95"] is None  # no abnormal exam
+
+
 def test_metrics_refuse_bad_input() -> None:
     with pytest.raises(ValueError, match="labels must be 0 or 1"):
         metrics.auc([0, 2], [0.1, 0.2])
@@ -123,6 +143,10 @@ def test_evaluate_json_is_one_object_with_the_agreed_keys(datasets: Path, active
     } <= set(result)
     assert set(result["operating_point"]) >= {"sensitivity", "specificity", "workload_reduction"}
     assert result["operating_point"]["signed_off"] is False and result["operating_point"]["threshold"] == 0.5
+    flagged, abnormal = result["operating_point"]["sensitivity_counts"]
+    assert abnormal == 2 and flagged / abnormal == result["operating_point"]["sensitivity"]
+    low, high = result["operating_point"]["sensitivity_ci95"]
+    assert low <= result["operating_point"]["sensitivity"] <= high
     assert 0.0 <= result["auc_abnormal"] <= 1.0
     low, high = result["auc_abnormal_ci95"]
     assert 0.0 <= low <= result["auc_abnormal"] <= high <= 1.0
@@ -132,6 +156,7 @@ def test_evaluate_json_is_one_object_with_the_agreed_keys(datasets: Path, active
     assert (tmp_path / "eval" / "roc_workload.png").read_bytes()[:4] == b"\x89PNG"
     text = run("--cohort", "tiny")
     assert "AUC normal vs abnormal" in text and "no signed-off point" in text
+    assert f"sensitivity {result['operating_point']['sensitivity']:.3f} ({flagged}/2, 95 % CI {low:.3f}–" in text
 
 
 @pytest.mark.django_db

@@ -59,7 +59,8 @@ class Command(BaseCommand):
         self.stdout.write(
             f"operating point {point.pk}: threshold {point.threshold:.4f} on the {LABELS[point.score_source]} "
             f"({', '.join(v.name for v in point.model_versions.all())}) keeps sensitivity "
-            f"{point.sensitivity:.3f} (target {target:g}), specificity {point.specificity:.3f}, workload reduction "
+            f"{point.sensitivity:.3f} (target {target:g}; {_counted(v, 'sensitivity')}), specificity "
+            f"{point.specificity:.3f} ({_counted(v, 'specificity')}), workload reduction "
             f"{point.workload_reduction:.3f} on {v['exams']} exams of {v['patients']} patients "
             f"({v['abnormal_exams']} abnormal); AUC {_fmt(v['auc_abnormal'])}, normals ruled out at 100 % "
             f"sensitivity {_fmt(v['rule_out_at_full_sensitivity'])}"
@@ -72,6 +73,12 @@ class Command(BaseCommand):
             self.stdout.write(f"signed off by {user.get_username()}; pending studies are re-triaged")
         else:
             self.stdout.write("not signed off: an admin signs it off on the calibration page (or use --sign-off)")
+
+
+def _counted(validation: dict, figure: str) -> str:
+    """The counts behind a figure and their exact interval, e.g. 15/15, 95 % CI 0.782–1.000."""
+    (hits, of), ci = validation[f"{figure}_counts"], validation[f"{figure}_ci95"]
+    return f"{hits}/{of}" + (f", 95 % CI {ci[0]:.3f}–{ci[1]:.3f}" if ci else "")
 
 
 def _fmt(value: float | None) -> str:

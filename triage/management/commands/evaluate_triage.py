@@ -112,6 +112,7 @@ class Command(BaseCommand):
                 "sensitivity": at.sensitivity,
                 "specificity": at.specificity,
                 "workload_reduction": at.workload_reduction,
+                **metrics.counts_at(exam_abnormal, exam_scores, threshold),
                 "threshold": threshold,
                 "signed_off": point is not None,
                 "id": point.pk if point else None,
@@ -176,7 +177,8 @@ class Command(BaseCommand):
             f"{_fmt(result['image_level']['auc_malignant'])} (image)\n"
             f"normals ruled out at 100 % sensitivity: {_fmt(result['rule_out_at_full_sensitivity'])}\n"
             f"at threshold {threshold:.4f} ({'signed-off point ' + str(point.pk) if point else 'no signed-off point'}):"
-            f" sensitivity {_fmt(op['sensitivity'])}, specificity {_fmt(op['specificity'])}, "
+            f" sensitivity {_fmt(op['sensitivity'])}{_ci(op['sensitivity_counts'], op['sensitivity_ci95'])}, "
+            f"specificity {_fmt(op['specificity'])}{_ci(op['specificity_counts'], op['specificity_ci95'])}, "
             f"workload reduction {op['workload_reduction']:.3f}\n"
             f"breast level: AUC {_fmt(breasts['auc_abnormal'])} ({breasts['breasts']} breasts, "
             f"{breasts['abnormal_breasts']} abnormal); at the threshold sensitivity {_fmt(breasts['sensitivity'])}, "
@@ -285,6 +287,10 @@ def _source_figures(labelled, source: str) -> dict[str, Any]:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _ci(counts: list[int], bounds: tuple[float, float] | None) -> str:
+    return "" if bounds is None else f" ({counts[0]}/{counts[1]}, 95 % CI {bounds[0]:.3f}–{bounds[1]:.3f})"
 
 
 def _interval(bounds: tuple[float, float] | None) -> str:
