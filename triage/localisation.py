@@ -512,15 +512,16 @@ def evaluate_localisation(*, instances, out_dir: Path, progress: bool = False) -
         if curve.lesions:
             result["froc"] = {f"{rate:g}": metrics.sensitivity_at(curve, rate) for rate in metrics.FROC_RATES}
             # Which kinds of lesion it finds (MIAS: masses, calcifications, distortions ...).
+            classes = metrics.froc_by_class(cases)
             result["froc_by_class"] = {
                 label: {
-                    "lesions": by_class.lesions,
-                    **{f"{rate:g}": metrics.sensitivity_at(by_class, rate) for rate in metrics.FROC_RATES},
+                    "lesions": part.lesions,
+                    **{f"{rate:g}": metrics.sensitivity_at(part, rate) for rate in metrics.FROC_RATES},
                 }
-                for label, by_class in metrics.froc_by_class(cases).items()
+                for label, part in classes.items()
             }
             png = out_dir / "froc.png"
-            metrics.plot_froc(curve, png, title=f"FROC, {detector.version.name}")
+            metrics.plot_froc(curve, png, title=f"FROC, {detector.version.name}", by_class=classes)
             result["froc_png"] = str(png)
         else:
             result["froc_note"] = (

@@ -121,7 +121,11 @@ def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(p, t).sum()) / total
 
 
-def plot_froc(curve: FrocCurve, path: Path | str, *, title: str = "FROC") -> Path:
+def plot_froc(
+    curve: FrocCurve, path: Path | str, *, title: str = "FROC", by_class: dict[str, FrocCurve] | None = None
+) -> Path:
+    """The FROC curve with its 0.5/1/2 points marked; `by_class` adds a thin dashed
+    curve per lesion class (`froc_by_class`), its lesion count in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +134,17 @@ def plot_froc(curve: FrocCurve, path: Path | str, *, title: str = "FROC") -> Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    ax.step([0.0, *curve.false_marks_per_image], [0.0, *curve.sensitivity], where="post", color="#1f6feb")
+    ax.step([0.0, *curve.false_marks_per_image], [0.0, *curve.sensitivity], where="post", color="#1f6feb", label="all")
+    for label, part in (by_class or {}).items():
+        if part.lesions:
+            ax.step(
+                [0.0, *part.false_marks_per_image],
+                [0.0, *part.sensitivity],
+                where="post",
+                linestyle="--",
+                linewidth=1,
+                label=f"{label} ({part.lesions})",
+            )
     for rate in FROC_RATES:
         sens = sensitivity_at(curve, rate)
         ax.plot([rate], [sens], "o", color="#d1242f")
@@ -141,6 +155,8 @@ def plot_froc(curve: FrocCurve, path: Path | str, *, title: str = "FROC") -> Pat
     ax.set_ylabel("lesion sensitivity")
     ax.set_title(f"{title}\n{curve.lesions} lesions, {curve.images} images", fontsize=9)
     ax.grid(alpha=0.3)
+    if by_class:
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -46,7 +46,7 @@ def test_froc_on_hand_made_cases():
     assert lm.sensitivity_at(lm.froc([lm.ImageCase([(0.9, (0, 0, 1, 1))], [(5, 5, 9, 9)])]), 0.5) == 0.0
 
 
-def test_froc_per_lesion_class_counts_that_class_at_the_rate_of_all_marks():
+def test_froc_per_lesion_class_counts_that_class_at_the_rate_of_all_marks(tmp_path):
     cases = [
         # A mass found at 0.9, a calcification at 0.4; one false mark at 0.8.
         lm.ImageCase(
@@ -67,6 +67,11 @@ def test_froc_per_lesion_class_counts_that_class_at_the_rate_of_all_marks():
     assert lm.froc(cases, lesion_class="ARCH").lesions == 0
     with pytest.raises(ValueError, match="a class for every lesion"):
         lm.froc([lm.ImageCase([], [(0, 0, 1, 1)])], lesion_class="MASS")
+    plain = lm.plot_froc(lm.froc(cases), tmp_path / "plain.png")
+    drawn = lm.plot_froc(lm.froc(cases), tmp_path / "by-class.png", by_class=by_class)
+    with Image.open(drawn) as image:
+        assert image.format == "PNG"
+    assert drawn.read_bytes() != plain.read_bytes()  # the class curves and legend are drawn
 
 
 def test_dice_on_hand_made_masks(tmp_path):
