@@ -83,6 +83,7 @@ _ANY = "*"
 VIEWS: dict[str, dict[str, str]] = {
     # Authentication and documentation
     "login": {_ANY: PUBLIC},
+    "favicon": {_ANY: PUBLIC},  # browsers ask for /favicon.ico on pages that name no icon (admin, API docs)
     "logout": {_ANY: AUTHENTICATED},
     "schema": {_ANY: PUBLIC},
     "schema-docs": {_ANY: PUBLIC},

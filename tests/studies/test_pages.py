@@ -115,6 +115,15 @@ def test_login_page_renders_the_form(client):
     assert b'name="username"' in response.content and b'name="password"' in response.content
 
 
+def test_favicon_ico_points_at_the_icon_without_a_login(client):
+    """Browsers ask for /favicon.ico on pages that name no icon: no 404 in the log."""
+    response = client.get("/favicon.ico")
+    assert response.status_code == 301 and response["Location"].endswith("img/favicon.svg")
+    from django.contrib.staticfiles import finders
+
+    assert finders.find("img/favicon.svg"), "the icon it points at is a static file"
+
+
 # --- study list -------------------------------------------------------------------------
 
 
