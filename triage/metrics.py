@@ -154,14 +154,26 @@ def at_threshold(labels: Sequence[int], scores: Sequence[float], threshold: floa
     """Sensitivity, specificity and workload reduction at one threshold. A cohort of
     one class leaves the other figure undefined (None), not a vacuous 1.0: a set of
     normals only (a second-source check of how many are ruled out) has no sensitivity."""
-    y, s = _arrays(labels, scores)
-    positives, negatives = int(y.sum()), int((1 - y).sum())
-    flagged = s >= threshold
+    (tp, positives), (tn, negatives), ruled_out = _confusion(labels, scores, threshold)
+    total = positives + negatives
     return CurvePoint(
         threshold=float(threshold),
-        sensitivity=float((flagged & (y == 1)).sum()) / positives if positives else None,
-        specificity=float((~flagged & (y == 0)).sum()) / negatives if negatives else None,
-        workload_reduction=float((~flagged).sum()) / len(y) if len(y) else 0.0,
+        sensitivity=tp / positives if positives else None,
+        specificity=tn / negatives if negatives else None,
+        workload_reduction=ruled_out / total if total else 0.0,
+    )
+
+
+def _confusion(
+    labels: Sequence[int], scores: Sequence[float], threshold: float
+) -> tuple[tuple[int, int], tuple[int, int], int]:
+    """(flagged abnormal, abnormal), (ruled-out normal, normal) and all ruled out at a threshold."""
+    y, s = _arrays(labels, scores)
+    flagged = s >= threshold
+    return (
+        (int((flagged & (y == 1)).sum()), int(y.sum())),
+        (int((~flagged & (y == 0)).sum()), int((1 - y).sum())),
+        int((~flagged).sum()),
     )
 
 
@@ -169,10 +181,7 @@ def counts_at(labels: Sequence[int], scores: Sequence[float], threshold: float) 
     """Sensitivity and specificity at a threshold as counts (flagged abnormal exams of
     all abnormal, ruled-out normals of all normals) with their exact 95 % intervals
     (`proportion_interval`; None for a class the cohort lacks)."""
-    y, s = _arrays(labels, scores)
-    flagged = s >= threshold
-    tp, positives = int((flagged & (y == 1)).sum()), int(y.sum())
-    tn, negatives = int((~flagged & (y == 0)).sum()), int((1 - y).sum())
+    (tp, positives), (tn, negatives), _ = _confusion(labels, scores, threshold)
     return {
         "sensitivity_counts": [tp, positives],
         "sensitivity_ci95": proportion_interval(tp, positives),
