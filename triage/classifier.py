@@ -30,7 +30,6 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,8 +39,7 @@ from torch import nn
 
 from embeddings.encoder import Preprocessing, pick_device, prepare, to_grey
 
-from .weights import FORMAT as TRIAGE_FORMAT
-from .weights import ModelFileError, ModelMeta
+from .weights import InitReport, ModelFileError, ModelMeta, init_trunk
 
 CLASSES = ("abnormal", "malignant")
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
@@ -228,57 +226,11 @@ def build_from_meta(meta: ModelMeta) -> MammoClassifier:
 # --- starting from other weights (transfer learning) -------------------------------------
 
 
-@dataclass(frozen=True)
-class InitReport:
-    source: str
-    loaded: int  # backbone tensors taken from the checkpoint
-    adapted: int  # of those, RGB stems summed to one channel
-    total: int  # backbone tensors of the classifier
-
-
 def init_backbone(model: MammoClassifier, path: str | os.PathLike[str]) -> InitReport:
-    """Start the trunk from a checkpoint: a Precedent search-encoder file, a triage
-    classifier file, or a torchvision state_dict (e.g. ImageNet weights copied in).
-
-    Keys whose names and shapes match are loaded; an RGB stem becomes one channel by
-    summing its kernels (the response to a grey image repeated in three channels).
-    Raises ModelFileError when fewer than half the trunk's tensors match (another
-    architecture)."""
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelFileError(f"{path.name}: no such weights file") from None
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelFileError(f"{path.name} is not a readable torch weights file: {first[:200]}") from None
-    if isinstance(payload, dict) and payload.get("format") in (TRIAGE_FORMAT, "precedent-encoder"):
-        prefix = "backbone."
-        state = {k[len(prefix) :]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
-    else:
-        for key in ("state_dict", "model"):
-            if isinstance(payload, dict) and isinstance(payload.get(key), dict):
-                payload = payload[key]
-        if not isinstance(payload, dict):
-            raise ModelFileError(f"{path.name} holds no state_dict")
-        state = {k.removeprefix("module."): v for k, v in payload.items() if isinstance(v, torch.Tensor)}
-    own = model.backbone.state_dict()
-    usable, adapted = {}, 0
-    for key, value in state.items():
-        if key == "conv1.weight" and value.ndim == 4 and value.shape[1] == 3:
-            value = value.sum(dim=1, keepdim=True)
-            adapted += 1
-        if key in own and own[key].shape == value.shape:
-            usable[key] = value.to(own[key].dtype)
-    candidates = [k for k in state if not k.startswith(("fc.", "classifier.", "head."))]
-    # Both ways: a checkpoint of a deeper net shares many names and shapes (stem, first
-    # blocks) with a shallower one, yet most of its tensors have nowhere to go.
-    if len(usable) < len(own) / 2 or len(usable) < len(candidates) / 2:
-        raise ModelFileError(
-            f"{path.name} does not fit {model.architecture}: only {len(usable)} of {len(own)} trunk tensors match"
-        )
-    model.backbone.load_state_dict(usable, strict=False)
-    return InitReport(source=path.name, loaded=len(usable), adapted=adapted, total=len(own))
+    """Start the classifier's trunk from a checkpoint: a Precedent search-encoder file,
+    a triage file, or a torchvision state_dict (e.g. ImageNet weights copied in); see
+    `weights.init_trunk`."""
+    return init_trunk(model.backbone, path, architecture=model.architecture)
 
 
 # --- scoring -------------------------------------------------------------------------------
@@ -376,6 +328,7 @@ __all__ = [
     "CLASSES",
     "ClassifierPreprocessing",
     "ImageScore",
+    "InitReport",
     "MammoClassifier",
     "box_to_input",
     "build_classifier",

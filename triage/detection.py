@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from embeddings.encoder import pick_device
 
 from .loop import fit
-from .weights import ModelMeta
+from .weights import ModelMeta, init_trunk
 
 log = logging.getLogger(__name__)
 
@@ -404,6 +405,7 @@ def train(
     crop: int | None = None,
     breast_crop: bool = False,
     augment: bool = True,
+    init_weights: str | os.PathLike[str] | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -422,6 +424,9 @@ def train(
     `max_seconds` caps the wall time (on shared CPUs the step time is unknowable in
     advance): the learning-rate schedule then follows whichever of steps or seconds is
     further along, so a run stopped by the clock still ends at a small learning rate.
+    `init_weights` starts the ResNet trunk under the FPN from a checkpoint (a search
+    encoder, a triage classifier or detector, or torchvision weights a site provides;
+    `weights.init_trunk`); the FPN and heads start at random.
     Returns the model (CPU, eval mode) and a report."""
     if not samples:
         raise ValueError("no training images")
@@ -444,7 +449,9 @@ def train(
         "nms_thresh": 0.3,
         "detections_per_img": 20,
     }
-    model = build(classes, **config).to(device).train()
+    model = build(classes, **config)
+    init = init_trunk(model.backbone.body, init_weights, architecture=arch) if init_weights else None
+    model = model.to(device).train()
     data = _prepared(samples, input_size, breast_crop=breast_crop)
     n_neg = min(len(negatives), round(negatives_per_positive * len(positives)))
     steps_per_epoch = math.ceil((len(positives) + n_neg) / batch_size)
@@ -496,6 +503,7 @@ def train(
         "positive_images": len(positives),
         "boxes": sum(len(s.boxes) for s in samples),
         "seed": seed,
+        "init": asdict(init) if init else None,
     }
     return model.cpu().eval(), TrainReport(run.losses, run.seconds, run.steps, str(device), settings)
 

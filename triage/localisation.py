@@ -201,12 +201,16 @@ def train_detector(
 ) -> TriageModelVersion:
     """Train the lesion detector on the cohort's boxed findings (classes: the findings'
     abnormality classes) and register it. Images with an abnormal finding but no box
-    are left out (the lesion is somewhere, so no place is background). Extra options go
-    to `detection.train` (input_size, batch_size, lr, arch ...)."""
+    are left out (the lesion is somewhere, so no place is background). `weights` or
+    `init_from_encoder` start the trunk from a checkpoint, as for the classifier. Extra
+    options go to `detection.train` (input_size, batch_size, lr, arch ...)."""
     from . import detection
-    from .services import triage_model_register
+    from .services import init_weights_path, triage_model_register
 
     options = {**DETECTOR_DEFAULTS, **options}
+    options["init_weights"] = init_weights_path(
+        weights=options.pop("weights", None), init_from_encoder=options.pop("init_from_encoder", False)
+    )
     input_size = int(options["input_size"])
     images = [i for i in cohort_images(cohort, keep_long_side=KEEP_FACTOR * input_size, progress=progress) if i.located]
     options["breast_crop"] = _breast_crop(cohort, images, bool(options.get("breast_crop")))

@@ -553,6 +553,19 @@ def model_sees(kind: str, loaded: LoadedModel, verdict: ImageQuality | None) -> 
     return fits(loaded, verdict.task)
 
 
+def init_weights_path(*, weights: Path | str | None = None, init_from_encoder: bool = False) -> str:
+    """The checkpoint a model's trunk starts from: a file the user gave, or the active
+    search encoder's weights (transfer learning); "" for a random start."""
+    if not init_from_encoder:
+        return str(weights) if weights else ""
+    from embeddings.models import EncoderVersion
+
+    encoder = EncoderVersion.objects.filter(status=EncoderVersion.Status.ACTIVE).first()
+    if encoder is None:
+        raise ValueError("no search encoder is active to start from")
+    return str(Path(settings.PRECEDENT_HOME) / encoder.weights_path)
+
+
 def _train_classifier(
     *,
     cohort: Cohort,
@@ -572,14 +585,7 @@ def _train_classifier(
     from . import training
     from .selectors import decode_instance, labelled_images
 
-    init = str(weights) if weights else ""
-    if init_from_encoder:
-        from embeddings.models import EncoderVersion
-
-        encoder = EncoderVersion.objects.filter(status=EncoderVersion.Status.ACTIVE).first()
-        if encoder is None:
-            raise ValueError("no search encoder is active to start from")
-        init = str(Path(settings.PRECEDENT_HOME) / encoder.weights_path)
+    init = init_weights_path(weights=weights, init_from_encoder=init_from_encoder)
     labelled = labelled_images(cohort=cohort)
     if not labelled:
         raise ValueError(f"cohort {cohort.name!r} has no labelled images (no studies.Finding rows)")

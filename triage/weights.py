@@ -123,3 +123,70 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         raise ModelFileError(f"{path.name}: weights checksum mismatch, the file is damaged")
     meta = ModelMeta.from_dict(payload.get("meta") or {})
     return state, meta
+
+
+# --- starting a trunk from other weights (transfer learning) ------------------------------
+
+
+@dataclass(frozen=True)
+class InitReport:
+    source: str
+    loaded: int  # trunk tensors taken from the checkpoint
+    adapted: int  # of those, RGB stems summed to one channel
+    total: int  # tensors of the trunk
+
+
+# Where the ResNet trunk sits in Precedent's own files: a detector's FCOS keeps it under
+# its FPN backbone, the classifier and the search encoders directly.
+_TRUNK_PREFIXES = ("backbone.body.", "backbone.")
+
+
+def init_trunk(trunk: nn.Module, path: str | os.PathLike[str], *, architecture: str) -> InitReport:
+    """Start a one-channel ResNet trunk (the classifier's backbone, or the body under a
+    detector's FPN) from a checkpoint: a Precedent search-encoder file, a triage
+    classifier or detector file, or a torchvision state_dict (e.g. ImageNet weights a
+    site copied in; nothing is downloaded).
+
+    Keys whose names and shapes match are loaded; an RGB stem becomes one channel by
+    summing its kernels (the response to a grey image repeated in three channels).
+    Raises ModelFileError when fewer than half the trunk's tensors match (another
+    architecture)."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelFileError(f"{path.name}: no such weights file") from None
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelFileError(f"{path.name} is not a readable torch weights file: {first[:200]}") from None
+    if isinstance(payload, dict) and payload.get("format") in (FORMAT, "precedent-encoder"):
+        full = payload.get("state_dict") or {}
+        state = {}
+        for prefix in _TRUNK_PREFIXES:
+            state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+            if state:
+                break
+    else:
+        for key in ("state_dict", "model"):
+            if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+                payload = payload[key]
+        if not isinstance(payload, dict):
+            raise ModelFileError(f"{path.name} holds no state_dict")
+        state = {k.removeprefix("module."): v for k, v in payload.items() if isinstance(v, torch.Tensor)}
+    own = trunk.state_dict()
+    usable, adapted = {}, 0
+    for key, value in state.items():
+        if key == "conv1.weight" and value.ndim == 4 and value.shape[1] == 3:
+            value = value.sum(dim=1, keepdim=True)
+            adapted += 1
+        if key in own and own[key].shape == value.shape:
+            usable[key] = value.to(own[key].dtype)
+    candidates = [k for k in state if not k.startswith(("fc.", "classifier.", "head."))]
+    # Both ways: a checkpoint of a deeper net shares many names and shapes (stem, first
+    # blocks) with a shallower one, yet most of its tensors have nowhere to go.
+    if len(usable) < len(own) / 2 or len(usable) < len(candidates) / 2:
+        raise ModelFileError(
+            f"{path.name} does not fit {architecture}: only {len(usable)} of {len(own)} trunk tensors match"
+        )
+    trunk.load_state_dict(usable, strict=False)
+    return InitReport(source=path.name, loaded=len(usable), adapted=adapted, total=len(own))

@@ -14,6 +14,7 @@ from django.db import IntegrityError, transaction
 from django.urls import reverse
 from django.utils import timezone
 
+from embeddings import encoder as enc
 from studies.models import Cohort, Study
 from tests.triage.classifier_helpers import import_tiny_cohort
 from triage import classifier, services
@@ -70,7 +71,8 @@ def test_train_triage_trains_registers_and_activates_a_classifier(datasets: Path
         (("--cohort", "tiny", "--crop", "128"), "--crop applies to the detector and segmenter only"),
         (("--cohort", "tiny", "--model", "segmenter", "--breast-crop"), "--breast-crop applies to the detector only"),
         (("--cohort", "tiny", "--model", "detector", "--max-minutes", "0"), "--max-minutes must be positive"),
-        (("--cohort", "tiny", "--model", "segmenter", "--init-from-encoder"), "applies to the classifier only"),
+        (("--cohort", "tiny", "--model", "segmenter", "--init-from-encoder"), "applies to the classifier and detector"),
+        (("--cohort", "tiny", "--model", "detector", "--init-from-encoder"), "no search encoder is active"),
     ],
 )
 def test_train_triage_bad_input(datasets: Path, args: tuple[str, ...], message: str) -> None:
@@ -79,16 +81,24 @@ def test_train_triage_bad_input(datasets: Path, args: tuple[str, ...], message: 
         run("train_triage", *args)
 
 
-def test_train_triage_passes_size_crop_and_time_budget_to_the_detector(datasets: Path) -> None:
+def test_train_triage_passes_size_crop_time_budget_and_start_weights_to_the_detector(
+    datasets: Path, tmp_path: Path
+) -> None:
     import_tiny_cohort(datasets)
+    encoder_file = tmp_path / "encoder.pt"
+    enc.save_encoder(encoder_file, enc.build_encoder("resnet18", dim=32))
     output = run(
         "train_triage", "--cohort", "tiny", "--model", "detector", "--epochs", "1", "--name", "tiny-det",
         "--input-size", "160", "--batch-size", "2", "--crop", "96", "--max-minutes", "5", "--breast-crop",
+        "--weights", str(encoder_file),
     )  # fmt: skip
     metadata = TriageModelVersion.objects.get(name="tiny-det").metadata
     settings = metadata["training"]["settings"]
     assert (settings["input_size"], settings["batch_size"], settings["crop"]) == (160, 2, 96)
     assert settings["breast_crop"] is True and metadata["preprocessing"]["breast_crop"] is True
+    # The whole ResNet trunk under the FPN came from the encoder file.
+    assert settings["init"]["source"] == "encoder.pt"
+    assert settings["init"]["loaded"] == settings["init"]["total"] > 100
     assert "detector tiny-det registered" in output
 
 

@@ -145,6 +145,50 @@ def test_a_short_training_run_lowers_the_loss_and_round_trips_through_the_weight
     np.testing.assert_allclose([b.box for b in original], [b.box for b in again], atol=1e-3)
 
 
+def test_the_trunk_starts_from_an_encoder_a_classifier_a_detector_or_torchvision_weights(tmp_path):
+    import torchvision
+
+    from embeddings import encoder as enc
+    from triage import classifier
+    from triage.weights import ModelFileError, init_trunk
+
+    def trunk_of(model):
+        return model.backbone.body
+
+    torch.manual_seed(1)
+    encoder = enc.build_encoder("resnet18", dim=32)
+    enc.save_encoder(tmp_path / "encoder.pt", encoder)
+    cls = classifier.build_classifier("resnet18")
+    save_model(tmp_path / "classifier.pt", cls, classifier.classifier_meta(cls))
+    source_detector = detection.build(["CIRC"], input_size=128, fpn_channels=64)
+    save_model(tmp_path / "detector.pt", source_detector, detection.make_meta(["CIRC"], {"input_size": 128}))
+    sources = {
+        "encoder.pt": encoder.backbone.layer3[0].conv1.weight,
+        "classifier.pt": cls.backbone.layer3[0].conv1.weight,
+        "detector.pt": trunk_of(source_detector).layer3[0].conv1.weight,
+    }
+    for name, expected in sources.items():
+        model = detection.build(["CIRC"], input_size=128, fpn_channels=64)
+        fpn_before = model.backbone.fpn.inner_blocks[0][0].weight.clone()
+        report = init_trunk(trunk_of(model), tmp_path / name, architecture="resnet18")
+        assert report.loaded == report.total == len(trunk_of(model).state_dict()), name
+        assert torch.equal(trunk_of(model).layer3[0].conv1.weight, expected), name
+        assert torch.equal(model.backbone.fpn.inner_blocks[0][0].weight, fpn_before)  # the FPN is not the trunk
+
+    rgb = torchvision.models.resnet18(weights=None)
+    torch.save(rgb.state_dict(), tmp_path / "rgb.pt")
+    model = detection.build(["CIRC"], input_size=128, fpn_channels=64)
+    report = init_trunk(trunk_of(model), tmp_path / "rgb.pt", architecture="resnet18")
+    assert report.adapted == 1 and report.loaded == report.total
+    assert torch.allclose(trunk_of(model).conv1.weight, rgb.conv1.weight.sum(dim=1, keepdim=True))
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "r50.pt")
+    with pytest.raises(ModelFileError, match="does not fit resnet18"):
+        init_trunk(trunk_of(model), tmp_path / "r50.pt", architecture="resnet18")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ModelFileError, match="junk.pt is not a readable torch weights file"):
+        init_trunk(trunk_of(model), tmp_path / "junk.pt", architecture="resnet18")
+
+
 def test_training_refuses_what_it_cannot_learn_from(films):
     with pytest.raises(ValueError, match="no training image has a box"):
         detection.train([detection.Sample(films["mdb003"])], ["CIRC"], progress=False)

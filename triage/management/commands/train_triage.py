@@ -37,12 +37,12 @@ class Command(BaseCommand):
             "--weights",
             type=Path,
             default=None,
-            help="classifier only: start the backbone from this checkpoint (a torchvision/encoder/triage file)",
+            help="classifier and detector: start the backbone from this checkpoint (a torchvision/encoder/triage file)",
         )
         parser.add_argument(
             "--init-from-encoder",
             action="store_true",
-            help="classifier only: start the backbone from the active search encoder (transfer learning)",
+            help="classifier and detector: start the backbone from the active search encoder (transfer learning)",
         )
         parser.add_argument("--input-size", type=int, default=None, help="long side in pixels (default: each model's)")
         parser.add_argument("--batch-size", type=int, default=None, help="default: each model's")
@@ -77,7 +77,7 @@ class Command(BaseCommand):
             raise CommandError("--max-minutes must be positive")
         common = {key: options[key] for key in ("input_size", "batch_size") if options[key] is not None}
         only = {
-            "classifier": {key: options[key] for key in ("weights", "init_from_encoder") if options[key]},
+            "transfer": {key: options[key] for key in ("weights", "init_from_encoder") if options[key]},
             "localiser": {
                 key: value
                 for key, value in (
@@ -88,7 +88,11 @@ class Command(BaseCommand):
             },
             "detector": {"breast_crop": True} if options["breast_crop"] else {},
         }
-        groups = (("classifier", {"classifier"}), ("localiser", {"detector", "segmenter"}), ("detector", {"detector"}))
+        groups = (
+            ("transfer", {"classifier", "detector"}),
+            ("localiser", {"detector", "segmenter"}),
+            ("detector", {"detector"}),
+        )
         for group, applies in groups:
             if only[group] and not applies & set(kinds):
                 flag = {"max_seconds": "max_minutes"}.get(next(iter(only[group])), next(iter(only[group])))
@@ -107,7 +111,8 @@ class Command(BaseCommand):
                     activate=options["activate"],
                     progress=options["verbosity"] > 0,
                     **common,
-                    **only["classifier" if kind == "classifier" else "localiser"],
+                    **(only["transfer"] if kind in ("classifier", "detector") else {}),
+                    **(only["localiser"] if kind != "classifier" else {}),
                     **(only["detector"] if kind == "detector" else {}),
                 )
             except ValueError as exc:  # ModelFileError and bad cohorts are ValueErrors with one-line reasons
