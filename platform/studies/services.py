@@ -348,6 +348,32 @@ def finding_upsert(*, instance: Instance, source_key: str, **fields: Any) -> tup
     return Finding.objects.update_or_create(instance=instance, source_key=source_key, defaults=fields)
 
 
+def cohort_union(*, name: str, sources: list[str], exclude_patients_of: list[str] = ()) -> Cohort:
+    """A new cohort holding every study of the `sources`, less every patient of the
+    `exclude_patients_of` cohorts: e.g. self-supervised pretraining on all the images
+    the platform holds except the patients kept apart for validation and test.
+
+    Raises ValueError (one line) for an unknown cohort, a name already taken (an
+    evaluation cohort must not grow by accident) or a union with no study left."""
+    known = set(Cohort.objects.filter(name__in=[*sources, *exclude_patients_of]).values_list("name", flat=True))
+    missing = [n for n in (*sources, *exclude_patients_of) if n not in known]
+    if missing:
+        raise ValueError(f"no cohort named {missing[0]!r}")
+    if Cohort.objects.filter(name=name).exists():
+        raise ValueError(f"cohort {name!r} exists already: pick a new name")
+    kept_apart = Study.objects.filter(cohorts__name__in=exclude_patients_of).values("patient_id")
+    studies = list(
+        Study.objects.filter(cohorts__name__in=sources).exclude(patient_id__in=kept_apart).distinct().order_by("pk")
+    )
+    if not studies:
+        raise ValueError("no study is left in the union")
+    description = " + ".join(sources) + (
+        f", without the patients of {', '.join(exclude_patients_of)}" if exclude_patients_of else ""
+    )
+    with transaction.atomic():
+        return cohort_add_studies(name=name, studies=studies, description=description)
+
+
 def cohort_split(*, source: str, parts: dict[str, float], seed: int = 0) -> dict[str, Cohort]:
     """Split a cohort into new cohorts by patient, never putting one patient in two.
 

@@ -55,9 +55,28 @@ def test_split_is_repeatable(cohort):
     assert patients("a") == first
 
 
+def test_union_joins_cohorts_and_keeps_the_held_out_patients_out(cohort):
+    call_command("cohort", "split", "all", "--into", "train:0.6", "val:0.2", "test:0.2", stdout=io.StringIO())
+    extra = services.cohort_add_studies(name="extra", studies=list(Study.objects.filter(patient__patient_id="P00")))
+    out = io.StringIO()
+    call_command(
+        "cohort", "union", "pretrain", "--of", "all", extra.name, "--exclude-patients-of", "val", "test", stdout=out
+    )
+    assert patients("pretrain") == patients("train")  # all of "all" but the val and test patients
+    assert Study.objects.filter(cohorts__name="pretrain").count() == 24
+    assert "pretrain: 24 studies, 12 patients" in out.getvalue()
+    assert "without the patients of val, test" in Cohort.objects.get(name="pretrain").description
+    call_command("cohort", "union", "everything", "--of", "train", "val", "test", stdout=io.StringIO())
+    assert patients("everything") == patients("all")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["union", "x", "--of", "all", "nope"], "no cohort named 'nope'"),
+        (["union", "x", "--of", "all", "--exclude-patients-of", "nope"], "no cohort named 'nope'"),
+        (["union", "all", "--of", "all"], "cohort 'all' exists already"),
+        (["union", "x", "--of", "all", "--exclude-patients-of", "all"], "no study is left"),
         (["split", "nope", "--into", "a:1"], "no cohort named 'nope'"),
         (["split", "all", "--into", "a:0.5", "b:0.2"], "sum to 1"),
         (["split", "all", "--into", "a"], "NAME:FRACTION"),
@@ -65,8 +84,10 @@ def test_split_is_repeatable(cohort):
     ],
 )
 def test_bad_arguments_are_one_line_errors(cohort, args, message):
+    before = set(Cohort.objects.values_list("name", flat=True))
     with pytest.raises(CommandError, match=message):
         call_command("cohort", *args, stdout=io.StringIO())
+    assert set(Cohort.objects.values_list("name", flat=True)) == before  # nothing half-made
 
 
 def test_list(cohort):

@@ -1,4 +1,5 @@
-"""python manage.py cohort list | show NAME | split NAME --into A:0.7 B:0.3 [--seed S]."""
+"""python manage.py cohort list | show NAME | split NAME --into A:0.7 B:0.3 [--seed S]
+| union NAME --of A B [--exclude-patients-of C D]."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from studies.models import Cohort, Finding
 
 
 class Command(BaseCommand):
-    help = "List cohorts, show one, or split one into new cohorts by patient."
+    help = "List cohorts, show one, split one into new cohorts by patient, or join several into a new one."
 
     def add_arguments(self, parser):
         sub = parser.add_subparsers(dest="action", required=True)
@@ -21,6 +22,16 @@ class Command(BaseCommand):
         split.add_argument("name")
         split.add_argument("--into", nargs="+", required=True, metavar="NAME:FRACTION")
         split.add_argument("--seed", type=int, default=0)
+        union = sub.add_parser("union", help="a new cohort with the studies of several, less some cohorts' patients")
+        union.add_argument("name")
+        union.add_argument("--of", nargs="+", required=True, metavar="COHORT", dest="sources")
+        union.add_argument(
+            "--exclude-patients-of",
+            nargs="+",
+            default=[],
+            metavar="COHORT",
+            help="leave out every patient of these cohorts (e.g. the validation and test parts)",
+        )
 
     def handle(self, *args, action: str, **options):
         if action == "split":
@@ -32,6 +43,14 @@ class Command(BaseCommand):
             except ValueError as exc:
                 raise CommandError(str(exc)) from None
             names = list(parts)
+        elif action == "union":
+            try:
+                services.cohort_union(
+                    name=options["name"], sources=options["sources"], exclude_patients_of=options["exclude_patients_of"]
+                )
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+            names = [options["name"]]
         else:
             names = [options["name"]] if action == "show" else list(Cohort.objects.values_list("name", flat=True))
         for row in self._summaries(names):
