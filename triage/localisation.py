@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -450,17 +450,22 @@ def _run_one(loaded, instance: Instance, pixels: np.ndarray, monochrome1: bool) 
 # --- evaluation ----------------------------------------------------------------------------
 
 
-def evaluate_localisation(*, instances, out_dir: Path, progress: bool = False) -> dict[str, Any]:
+def evaluate_localisation(
+    *, instances, out_dir: Path, progress: bool = False, models: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """FROC of the active detector and mean lesion Dice of the active segmenter on
     `instances`, against studies.Finding boxes (weak masks for Dice). Images with an
     abnormal finding but no box are left out (a mark there cannot be judged).
     A detection hits a lesion when IoU >= 0.1 or its centre lies inside the lesion's
-    box. Writes froc.png (and localisation.json) into out_dir."""
+    box. Writes froc.png (and localisation.json) into out_dir. `models` ("detector",
+    "segmenter": loaded versions or None) evaluates those instead of the active ones."""
     from tqdm import tqdm
 
     from . import segmentation
 
-    detector, segmenter = _active(TriageModelVersion.Kind.DETECTOR), _active(TriageModelVersion.Kind.SEGMENTER)
+    if models is None:
+        models = {kind: _active(kind) for kind in (TriageModelVersion.Kind.DETECTOR, TriageModelVersion.Kind.SEGMENTER)}
+    detector, segmenter = models.get("detector"), models.get("segmenter")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {

@@ -27,7 +27,7 @@ import os
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -664,14 +664,15 @@ def study_exam_scores(
     return study_scores(point.score_source, classifier=classifier_scores, detector_images=detector_images)
 
 
-def default_score_source() -> str:
+def default_score_source(models: Mapping[str, Any] | None = None) -> str:
     """calibrate_triage's default: the detector's score when a detector is active (on
     the MIAS patient-level validation split it ranked exams better than the classifier
     and than both fused, README Figures), else the classifier's. The point records
-    the source either way; `--score` chooses another."""
+    the source either way; `--score` chooses another. `models` (by kind) stands in for
+    the active ones when candidates are evaluated."""
     from .selectors import active_scoring_versions
 
-    if TriageModelVersion.Kind.DETECTOR in active_scoring_versions():
+    if TriageModelVersion.Kind.DETECTOR in (active_scoring_versions() if models is None else models):
         return OperatingPoint.ScoreSource.DETECTOR
     return OperatingPoint.ScoreSource.CLASSIFIER
 
@@ -984,9 +985,12 @@ def localise_study(*, study: Study) -> list[ModelDetection]:
     return localisation.localise_study(study=study)
 
 
-def evaluate_localisation(*, instances, out_dir: Path, progress: bool = False) -> dict[str, Any]:
+def evaluate_localisation(
+    *, instances, out_dir: Path, progress: bool = False, models: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """FROC (0.5/1/2 false marks per image) of the active detector and mean lesion Dice
-    of the active segmenter against the instances' Finding boxes; writes froc.png."""
+    of the active segmenter (or of the loaded `models` by kind) against the instances'
+    Finding boxes; writes froc.png."""
     from . import localisation
 
-    return localisation.evaluate_localisation(instances=instances, out_dir=out_dir, progress=progress)
+    return localisation.evaluate_localisation(instances=instances, out_dir=out_dir, progress=progress, models=models)

@@ -110,14 +110,14 @@ def register_classifier() -> TriageModelVersion:
     )
 
 
-def register_detector(name: str = "", seed: int = 0) -> TriageModelVersion:
+def register_detector(name: str = "", seed: int = 0, activate: bool = True) -> TriageModelVersion:
     """A small untrained FCOS that always answers (score floor 0): real, distinct box scores."""
     torch.manual_seed(seed)
     config = {"arch": "fcos-resnet18", "input_size": 160, "fpn_channels": 64, "head_convs": 1}
     config.update(score_thresh=0.0, nms_thresh=0.3, detections_per_img=3)
     meta = detection.make_meta(["CIRC"], config, training={"tasks": ["mammography"]})
     return services.triage_model_register(
-        kind="detector", model=detection.build(["CIRC"], **config), meta=meta, name=name, activate=True
+        kind="detector", model=detection.build(["CIRC"], **config), meta=meta, name=name, activate=activate
     )
 
 
@@ -200,6 +200,43 @@ def test_calibration_stores_the_source_and_its_versions_and_evaluate_reports_it(
     assert result["classifier"] == cls.name and result["detector"] == detector.name
     with pytest.raises(CommandError, match="calibrated on the detector score"):
         run("evaluate_triage", "--cohort", "pair", "--score", "fused")
+
+
+@pytest.mark.django_db
+def test_evaluate_a_candidate_detector_without_activating_it(
+    datasets: Path, admin, django_capture_on_commit_callbacks
+) -> None:
+    call_command(
+        "import_dataset", "mias", str(datasets / "mini-mias"), "--limit", "4", "--cohort", "pair", stdout=io.StringIO()
+    )
+    cohort = Cohort.objects.get(name="pair")
+    register_classifier()
+    live = register_detector(name="live", seed=0)
+    run("calibrate_triage", "--cohort", "pair", "--score", "detector", "--sign-off", admin.username)
+    candidate = register_detector(name="candidate", seed=5, activate=False)
+
+    result = json.loads(run("evaluate_triage", "--cohort", "pair", "--detector", "candidate", "--json"))
+    assert result["detector"] == "candidate" and result["not_active"] == ["candidate"]
+    # The live detector's signed-off threshold means nothing for the candidate's scores.
+    assert result["operating_point"]["signed_off"] is False and result["operating_point"]["id"] is None
+    labels, expected = expected_exam_scores(cohort, candidate)
+    from triage import metrics
+
+    assert result["auc_abnormal"] == pytest.approx(metrics.auc(labels, expected["detector"]))
+    assert result["lesions"] == 2 and result["froc"] is not None  # FROC of the candidate's boxes
+    text = run("evaluate_triage", "--cohort", "pair", "--detector", "candidate")
+    assert "detector candidate (not active)" in text
+    # Nothing changed for triage: the live detector still serves, under its signed-off point.
+    live.refresh_from_db()
+    candidate.refresh_from_db()
+    assert live.status == "active" and candidate.status != "active"
+    assert selectors.signed_off_point() is not None
+    as_live = json.loads(run("evaluate_triage", "--cohort", "pair", "--json"))
+    assert as_live["detector"] == "live" and as_live["not_active"] == [] and as_live["operating_point"]["signed_off"]
+    with pytest.raises(CommandError, match="no triage model version named 'nope'"):
+        run("evaluate_triage", "--cohort", "pair", "--detector", "nope")
+    with pytest.raises(CommandError, match="candidate is a detector, not a classifier"):
+        run("evaluate_triage", "--cohort", "pair", "--classifier", "candidate")
 
 
 def sign_off(point_source: str, versions, threshold: float, admin, capture) -> OperatingPoint:

@@ -15,11 +15,14 @@ from triage.exam_score import LABELS, NEEDS, SOURCES
 from triage.models import TriageModelVersion
 
 DEFAULT_THRESHOLD = 0.5  # stated in the output when no operating point is signed off
+SCORING_KINDS = ("classifier", "detector")  # the models an exam score comes from
+MODEL_KINDS = (*SCORING_KINDS, "segmenter")
 
 
 class Command(BaseCommand):
     help = (
-        "Evaluate the active triage models on a labelled (patient-level test) cohort: AUC normal-vs-abnormal of "
+        "Evaluate the active triage models (or candidates named with --classifier/--detector/--segmenter) on a "
+        "labelled (patient-level test) cohort: AUC normal-vs-abnormal of "
         "the exam score the signed-off operating point was calibrated on (classifier, detector or fused; the other "
         "scores the active models allow alongside) and benign-vs-malignant, at exam and image level, "
         "sensitivity/specificity/workload reduction at the signed-off operating point, normals ruled out at 100 % "
@@ -36,6 +39,14 @@ class Command(BaseCommand):
             default=None,
             help=f"threshold on the exam score when no operating point is signed off (default {DEFAULT_THRESHOLD})",
         )
+        for kind in MODEL_KINDS:
+            parser.add_argument(
+                f"--{kind}",
+                default=None,
+                metavar="NAME",
+                help=f"evaluate this registered {kind} version instead of the active one (a candidate, before "
+                "activating it: nothing changes for triage)",
+            )
         parser.add_argument(
             "--score",
             choices=SOURCES,
@@ -50,25 +61,24 @@ class Command(BaseCommand):
             raise CommandError(f"no cohort named {options['cohort']!r}")
         if not cohort.studies.exists():
             raise CommandError(f"cohort {cohort.name!r} is empty")
-        point = selectors.signed_off_point()
+        try:
+            loaded = {kind: self._model(kind, options[kind]) for kind in MODEL_KINDS}
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        scoring = {k: m.version for k, m in loaded.items() if m is not None and k in SCORING_KINDS}
+        # A signed-off point applies only to the very versions it was calibrated on.
+        point = selectors.signed_off_point(active=scoring)
         if point is not None and options["score"] and options["score"] != point.score_source:
             raise CommandError(
                 f"the signed-off operating point {point.pk} is calibrated on the {point.score_source} score: "
                 f"evaluate that one (leave out --score)"
             )
-        try:
-            source = point.score_source if point else options["score"] or services.default_score_source()
-            loaded = {
-                kind: services.active_triage_model(kind)
-                for kind in (TriageModelVersion.Kind.CLASSIFIER, TriageModelVersion.Kind.DETECTOR)
-            }
-        except ValueError as exc:
-            raise CommandError(str(exc)) from None
+        source = point.score_source if point else options["score"] or services.default_score_source(scoring)
         for kind in NEEDS[source]:
             if loaded[kind] is None:
                 raise CommandError(
                     f"no {kind} is active (the {source} score needs one): train one with train_triage --model {kind}"
-                    " --activate"
+                    f" --activate, or name one with --{kind}"
                 )
         classifier, detector = loaded["classifier"], loaded["detector"]
         progress = options["verbosity"] > 0 and not options["json"]
@@ -150,13 +160,22 @@ class Command(BaseCommand):
                 operating_point=at,
             )
             result["roc_png"] = str(out / "roc_workload.png")
-        result.update(self._localisation(exams, options["out"]))
+        result["not_active"] = sorted(
+            m.version.name
+            for m in loaded.values()
+            if m is not None and m.version.status != TriageModelVersion.Status.ACTIVE
+        )
+        result.update(self._localisation(exams, options["out"], loaded["detector"], loaded["segmenter"]))
         if options["json"]:
             self.stdout.write(json.dumps(result))
             return
         op, breasts = result["operating_point"], result["breast_level"]
         whose = f" (signed-off point {point.pk}'s)" if point else ""
-        models = ", ".join(f"{kind} {m.version.name}" for kind, m in loaded.items() if m is not None)
+        models = ", ".join(
+            f"{kind} {m.version.name}" + (" (not active)" if m.version.name in result["not_active"] else "")
+            for kind, m in loaded.items()
+            if m is not None and kind in SCORING_KINDS
+        )
         others = "; ".join(
             f"{other}: AUC {_fmt(v['auc_abnormal'])}, rule-out {_fmt(v['rule_out_at_full_sensitivity'])}"
             for other, v in result["by_source"].items()
@@ -193,17 +212,28 @@ class Command(BaseCommand):
         if "roc_png" in result:
             self.stdout.write(f"curves: {result['roc_png']}")
 
-    def _localisation(self, exams, out: Path | None) -> dict[str, Any]:
-        """FROC and Dice from the localiser's evaluation, when a detector or segmenter is active."""
-        active = TriageModelVersion.objects.filter(
-            kind__in=[TriageModelVersion.Kind.DETECTOR, TriageModelVersion.Kind.SEGMENTER],
-            status=TriageModelVersion.Status.ACTIVE,
-        ).exists()
-        if not active:
+    def _model(self, kind: str, name: str | None):
+        """The named version of `kind` (any status), loaded, or else the active one."""
+        if name is None:
+            return services.active_triage_model(kind)
+        version = TriageModelVersion.objects.filter(name=name).first()
+        if version is None:
+            raise ValueError(f"no triage model version named {name!r}")
+        if version.kind != kind:
+            raise ValueError(f"{name} is a {version.kind}, not a {kind}")
+        return services.load_triage_model(version)
+
+    def _localisation(self, exams, out: Path | None, detector, segmenter) -> dict[str, Any]:
+        """FROC and Dice from the localisers' evaluation (the detector and segmenter evaluated)."""
+        if detector is None and segmenter is None:
             return {"localisation": "no active detector or segmenter"}
         ids = [image[0].instance.pk for e in exams for image in e.images]
         out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="precedent-froc-"))
-        report = services.evaluate_localisation(instances=Instance.objects.filter(pk__in=ids), out_dir=out_dir)
+        report = services.evaluate_localisation(
+            instances=Instance.objects.filter(pk__in=ids),
+            out_dir=out_dir,
+            models={"detector": detector, "segmenter": segmenter},
+        )
         return {
             "froc": report.get("froc"),
             "froc_by_class": report.get("froc_by_class"),
