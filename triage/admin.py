@@ -1,11 +1,13 @@
 """Admin for triage rows. Results, quality verdicts and the audit trail are written by
 the services only, so they are read-only here; model versions and operating points
-are edited by the train and calibrate commands (sign-off gets its own page)."""
+are made by the train and calibrate commands (sign-off gets its own page), and model
+versions are switched by the admin actions or `triage_model activate`, audited."""
 
 from __future__ import annotations
 
-from django.contrib import admin
+from django.contrib import admin, messages
 
+from . import services
 from .models import (
     Detection,
     ImageQuality,
@@ -32,11 +34,34 @@ class TriageModelVersionAdmin(admin.ModelAdmin):
     list_display = ["name", "kind", "architecture", "status", "created_at", "activated_at"]
     list_filter = ["kind", "status"]
     search_fields = ["name", "sha256"]
-    readonly_fields = ["weights_path", "sha256", "created_at", "activated_at"]
+    # The status changes only through the actions below: the service retires the
+    # previous version of the kind and audits the switch (an edited field would do
+    # neither, and a second active version of a kind is refused by the database).
+    readonly_fields = ["kind", "status", "weights_path", "sha256", "created_at", "activated_at"]
+    actions = ["activate", "retire"]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # versions are registered by train_triage, with their weights file
 
     def has_delete_permission(self, request, obj=None) -> bool:
         # Results name the versions that made them: retire a version, never delete it.
         return False
+
+    @admin.action(description="Activate the selected version (the active one of its kind is retired)")
+    def activate(self, request, queryset) -> None:
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one version to activate.", level=messages.ERROR)
+            return
+        version = services.triage_model_activate(version=queryset.get(), user=request.user, via="page", request=request)
+        self.message_user(request, f"{version.kind} {version.name} is active.")
+
+    @admin.action(description="Retire the selected versions (what needs them waits as pending)")
+    def retire(self, request, queryset) -> None:
+        retired = []
+        for version in queryset.filter(status=TriageModelVersion.Status.ACTIVE):
+            services.triage_model_retire(version=version, user=request.user, via="page", request=request)
+            retired.append(version.name)
+        self.message_user(request, f"Retired: {', '.join(retired) or 'none (no selected version was active)'}.")
 
 
 @admin.register(OperatingPoint)

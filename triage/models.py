@@ -189,11 +189,13 @@ class StudyRead(models.Model):
 
 
 class TriageAudit(models.Model):
-    """Append-only: who changed what (manual category overrides, operating points)."""
+    """Append-only: who changed what (manual category overrides, operating points, which
+    model versions serve)."""
 
     class Action(models.TextChoices):
         OVERRIDE = "override", "category set by hand"
         OPERATING_POINT = "operating_point", "operating point changed"
+        MODEL = "model", "triage model activated or retired"
 
     action = models.CharField(max_length=32, choices=Action.choices)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")

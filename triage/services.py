@@ -431,7 +431,7 @@ def triage_model_register(
             )
             os.replace(tmp, target)
             if activate:
-                triage_model_activate(version=version)
+                triage_model_activate(version=version, via="command")
     except BaseException:
         tmp.unlink(missing_ok=True)
         if not TriageModelVersion.objects.filter(name=name).exists():
@@ -441,16 +441,72 @@ def triage_model_register(
 
 
 @transaction.atomic
-def triage_model_activate(*, version: TriageModelVersion) -> TriageModelVersion:
-    """Make `version` the one active model of its kind; the previous one is retired."""
-    TriageModelVersion.objects.select_for_update().filter(kind=version.kind)
-    TriageModelVersion.objects.filter(kind=version.kind, status=TriageModelVersion.Status.ACTIVE).exclude(
-        pk=version.pk
-    ).update(status=TriageModelVersion.Status.RETIRED)
+def triage_model_activate(
+    *, version: TriageModelVersion, user: AbstractBaseUser | None = None, via: str = "command", request=None
+) -> TriageModelVersion:
+    """Make `version` the one active model of its kind; the previous one is retired
+    (a retired version may come back: a rollback). Audited, with the version it
+    replaced. When a signed-off point applies to the versions now active (one
+    calibrated on this version before the switch: calibrate_triage --detector NAME),
+    studies waiting as pending are re-triaged with it at once. Activating the active
+    version changes nothing."""
+    # Evaluated, so the rows of this kind stay locked until the switch commits.
+    rows = list(TriageModelVersion.objects.select_for_update().filter(kind=version.kind).order_by("pk"))
+    current = next((v for v in rows if v.pk == version.pk), version)
+    if current.status == TriageModelVersion.Status.ACTIVE:
+        version.status, version.activated_at = current.status, current.activated_at
+        return version
+    previous = next((v for v in rows if v.status == TriageModelVersion.Status.ACTIVE), None)
+    if previous is not None:
+        previous.status = TriageModelVersion.Status.RETIRED
+        previous.save(update_fields=["status"])
     version.status = TriageModelVersion.Status.ACTIVE
     version.activated_at = timezone.now()
     version.save(update_fields=["status", "activated_at"])
+    _model_audit(
+        version=version,
+        user=user,
+        via=via,
+        request=request,
+        note="activated",
+        before={"active": previous.name if previous else None},
+    )
+    from .selectors import signed_off_point
+
+    if signed_off_point() is not None:  # else pending studies would only wait again
+        enqueue("triage.retriage_pending")
     return version
+
+
+@transaction.atomic
+def triage_model_retire(
+    *, version: TriageModelVersion, user: AbstractBaseUser | None = None, via: str = "command", request=None
+) -> TriageModelVersion:
+    """Take a version out of service (e.g. a model found to misbehave). With no model
+    of its kind active, what needed it waits as pending; the worklist keeps working.
+    Audited. Retiring a version that is not active changes nothing."""
+    current = TriageModelVersion.objects.select_for_update().get(pk=version.pk)
+    if current.status != TriageModelVersion.Status.ACTIVE:
+        version.status = current.status
+        return version
+    version.status = TriageModelVersion.Status.RETIRED
+    version.save(update_fields=["status"])
+    _model_audit(version=version, user=user, via=via, request=request, note="retired", before={"active": version.name})
+    return version
+
+
+def _model_audit(*, version: TriageModelVersion, user, via: str, request, note: str, before: dict[str, Any]) -> None:
+    after = {"kind": version.kind, "version": version.name, "status": version.status, "via": via}
+    TriageAudit.objects.create(action=TriageAudit.Action.MODEL, user=user, before=before, after=after, note=note)
+    _access_audit(
+        request=request,
+        user=user,
+        via=via,
+        action=f"triage.model.{'activate' if note == 'activated' else 'retire'}",
+        target_type="triage_model",
+        target=version.name,
+        details={**after, **{f"before_{k}": v for k, v in before.items()}},
+    )
 
 
 @dataclass(frozen=True)
@@ -677,17 +733,32 @@ def default_score_source(models: Mapping[str, Any] | None = None) -> str:
     return OperatingPoint.ScoreSource.CLASSIFIER
 
 
-def scoring_models(source: str) -> dict[str, LoadedModel]:
-    """The active models the score source needs, loaded; ValueError naming what is missing."""
+def triage_model_named_or_active(kind: str, name: str | None = None) -> LoadedModel | None:
+    """The version of `kind` named `name` (any status: a candidate not serving yet),
+    loaded, or else the active one (None when there is none). ValueError for a name
+    that is unknown or of another kind."""
+    if not name:
+        return active_triage_model(kind)
+    version = TriageModelVersion.objects.filter(name=name).first()
+    if version is None:
+        raise ValueError(f"no triage model version named {name!r}")
+    if version.kind != kind:
+        raise ValueError(f"{name} is a {version.kind}, not a {kind}")
+    return load_triage_model(version)
+
+
+def scoring_models(source: str, models: Mapping[str, LoadedModel | None] | None = None) -> dict[str, LoadedModel]:
+    """The models the score source needs, loaded: those given by kind in `models`
+    (candidates), else the active ones; ValueError naming what is missing."""
     from .exam_score import NEEDS, check_source
 
     loaded = {}
     for kind in NEEDS[check_source(source)]:
-        model = active_triage_model(kind)
+        model = (models or {}).get(kind) or active_triage_model(kind)
         if model is None:
             raise ValueError(
                 f"no {kind} is active (the {source} score needs one): train one with train_triage --model {kind}"
-                " --activate"
+                f" --activate, or name one with --{kind}"
             )
         loaded[kind] = model
     return loaded
@@ -695,18 +766,26 @@ def scoring_models(source: str) -> dict[str, LoadedModel]:
 
 @transaction.atomic
 def operating_point_compute(
-    *, cohort: Cohort, target_sensitivity: float = 1.0, source: str | None = None, progress: bool = False
+    *,
+    cohort: Cohort,
+    target_sensitivity: float = 1.0,
+    source: str | None = None,
+    progress: bool = False,
+    models: Mapping[str, LoadedModel | None] | None = None,
 ) -> OperatingPoint:
     """Score the (validation) cohort with the active models the score `source` needs
-    (default: default_score_source()), compute ROC and workload curves at exam level
-    and store the threshold that keeps `target_sensitivity` as an OperatingPoint with
-    its source and model versions, not signed off. Raises ValueError with the reason
-    (a model the source needs is not active, no labels, one class only)."""
+    (default: default_score_source()), or with the candidate versions in `models` by
+    kind, compute ROC and workload curves at exam level and store the threshold that
+    keeps `target_sensitivity` as an OperatingPoint with its source and model
+    versions, not signed off. A point on candidates can be signed off before they are
+    activated, and then applies from the moment they are. Raises ValueError with the
+    reason (a model the source needs is missing, no labels, one class only)."""
     from . import metrics
-    from .selectors import cohort_exam_scores, scored_exams
+    from .selectors import active_scoring_versions, cohort_exam_scores, scored_exams
 
-    source = source or default_score_source()
-    loaded = scoring_models(source)
+    given = {kind: m for kind, m in (models or {}).items() if m is not None}
+    source = source or default_score_source({**active_scoring_versions(), **given})
+    loaded = scoring_models(source, given)
     classifier, detector = loaded.get("classifier"), loaded.get("detector")
     assess_cohort_images(cohort, progress=progress)
     labelled = cohort_exam_scores(cohort=cohort, classifier=classifier, detector=detector, progress=progress)
@@ -783,25 +862,27 @@ def operating_point_sign_off(
         TriageAudit.objects.create(
             action=TriageAudit.Action.OPERATING_POINT, user=user, operating_point=point, after=after, note="signed off"
         )
-        _access_audit(request=request, user=user, via=via, point=point, details=after)
+        _access_audit(
+            request=request,
+            user=user,
+            via=via,
+            action="triage.operating_point.sign_off",
+            target_type="operating_point",
+            target=str(point.pk),
+            details=after,
+        )
         enqueue("triage.retriage_pending")
     return point
 
 
-def _access_audit(*, request, user, via: str, point: OperatingPoint, details: dict) -> None:
+def _access_audit(*, request, user, via: str, action: str, target_type: str, target: str, details: dict) -> None:
     """The platform-wide audit log too, where the access app provides it."""
     try:
         from access.services import audit_record
     except ImportError:
         return
     audit_record(
-        action="triage.operating_point.sign_off",
-        request=request,
-        user=user,
-        via=via,
-        target_type="operating_point",
-        target=str(point.pk),
-        details=details,
+        action=action, request=request, user=user, via=via, target_type=target_type, target=target, details=details
     )
 
 

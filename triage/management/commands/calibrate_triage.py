@@ -1,5 +1,5 @@
 """python manage.py calibrate_triage --cohort NAME [--score {classifier,detector,fused}] [--target-sensitivity 1.0]
-[--sign-off USERNAME]."""
+[--classifier NAME] [--detector NAME] [--sign-off USERNAME]."""
 
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ class Command(BaseCommand):
         )
         parser.add_argument("--target-sensitivity", type=float, default=1.0, help="exam level, in (0, 1]")
         parser.add_argument("--sign-off", metavar="USERNAME", default="", help="sign the new point off as this user")
+        for kind in ("classifier", "detector"):
+            parser.add_argument(
+                f"--{kind}",
+                default=None,
+                metavar="NAME",
+                help=f"calibrate on this registered {kind} version instead of the active one (a candidate: the point, "
+                "once signed off, applies from the moment the version is activated, so a switch leaves no gap)",
+            )
 
     def handle(self, *args: Any, **options: Any) -> None:
         cohort = Cohort.objects.filter(name=options["cohort"]).first()
@@ -50,8 +58,18 @@ class Command(BaseCommand):
         if not cohort.studies.exists():
             raise CommandError(f"cohort {cohort.name!r} is empty")
         try:
+            # Candidates named on the command line; the active versions otherwise.
+            named = {
+                kind: services.triage_model_named_or_active(kind, options[kind])
+                for kind in ("classifier", "detector")
+                if options[kind]
+            }
             point = services.operating_point_compute(
-                cohort=cohort, target_sensitivity=target, source=options["score"], progress=options["verbosity"] > 0
+                cohort=cohort,
+                target_sensitivity=target,
+                source=options["score"],
+                progress=options["verbosity"] > 0,
+                models=named,
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
@@ -65,6 +83,12 @@ class Command(BaseCommand):
             f"({v['abnormal_exams']} abnormal); AUC {_fmt(v['auc_abnormal'])}, normals ruled out at 100 % "
             f"sensitivity {_fmt(v['rule_out_at_full_sensitivity'])}"
         )
+        waiting = [v.name for v in point.model_versions.all() if v.status != v.Status.ACTIVE]
+        if waiting:
+            self.stdout.write(
+                f"calibrated on {', '.join(waiting)}, not active: once signed off, the point applies when "
+                f"`triage_model activate` switches to {'it' if len(waiting) == 1 else 'them'}"
+            )
         if user is not None:
             try:
                 services.operating_point_sign_off(point=point, user=user, via="command")

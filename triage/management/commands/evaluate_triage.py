@@ -62,7 +62,7 @@ class Command(BaseCommand):
         if not cohort.studies.exists():
             raise CommandError(f"cohort {cohort.name!r} is empty")
         try:
-            loaded = {kind: self._model(kind, options[kind]) for kind in MODEL_KINDS}
+            loaded = {kind: services.triage_model_named_or_active(kind, options[kind]) for kind in MODEL_KINDS}
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         scoring = {k: m.version for k, m in loaded.items() if m is not None and k in SCORING_KINDS}
@@ -211,17 +211,6 @@ class Command(BaseCommand):
         )
         if "roc_png" in result:
             self.stdout.write(f"curves: {result['roc_png']}")
-
-    def _model(self, kind: str, name: str | None):
-        """The named version of `kind` (any status), loaded, or else the active one."""
-        if name is None:
-            return services.active_triage_model(kind)
-        version = TriageModelVersion.objects.filter(name=name).first()
-        if version is None:
-            raise ValueError(f"no triage model version named {name!r}")
-        if version.kind != kind:
-            raise ValueError(f"{name} is a {version.kind}, not a {kind}")
-        return services.load_triage_model(version)
 
     def _localisation(self, exams, out: Path | None, detector, segmenter) -> dict[str, Any]:
         """FROC and Dice from the localisers' evaluation (the detector and segmenter evaluated)."""
