@@ -23,6 +23,29 @@ from tests.browser import conftest as browser
 browser_page = browser.browser_page
 
 
+@pytest.fixture
+def admin(django_user_model):
+    """An admin by role (the access policy's ADMIN permission), not by the staff flag."""
+    from access.services import role_grant
+
+    chief = django_user_model.objects.create_user(username="chief", password="a-long-test-password")
+    role_grant(user=chief, roles=["admin"])
+    return chief
+
+
+@pytest.fixture
+def pair(datasets: Path):
+    """Cohort "pair": two MIAS patients, p001 (two films, benign masses) and p002 (two normal films)."""
+    from django.core.management import call_command
+
+    from studies.models import Cohort
+
+    call_command(
+        "import_dataset", "mias", str(datasets / "mini-mias"), "--limit", "4", "--cohort", "pair", stdout=io.StringIO()
+    )
+    return Cohort.objects.get(name="pair")
+
+
 @pytest.fixture(scope="session")
 def film(datasets: Path) -> np.ndarray:
     """A real digitised film mammogram (MIAS mdb001, 1024², 8 bit)."""

@@ -39,16 +39,6 @@ def active_classifier() -> TriageModelVersion:
     )
 
 
-@pytest.fixture
-def admin(django_user_model):
-    """An admin by role (the access policy's ADMIN permission), not by the staff flag."""
-    from access.services import role_grant
-
-    chief = django_user_model.objects.create_user(username="chief", password="a-long-test-password")
-    role_grant(user=chief, roles=["admin"])
-    return chief
-
-
 def test_train_triage_trains_registers_and_activates_a_classifier(datasets: Path) -> None:
     import_tiny_cohort(datasets)
     output = run("train_triage", "--cohort", "tiny", "--epochs", "1", "--activate", "--name", "tiny-cls")

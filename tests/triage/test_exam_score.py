@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -121,15 +120,6 @@ def register_detector(name: str = "", seed: int = 0, activate: bool = True) -> T
     )
 
 
-@pytest.fixture
-def admin(django_user_model):
-    from access.services import role_grant
-
-    chief = django_user_model.objects.create_user(username="chief", password="a-long-test-password")
-    role_grant(user=chief, roles=["admin"])
-    return chief
-
-
 def expected_exam_scores(cohort: Cohort, detector_version: TriageModelVersion) -> tuple[list[int], dict[str, list]]:
     """Exam labels and scores per source, computed here straight from the models (not
     through the selectors under test)."""
@@ -154,13 +144,9 @@ def expected_exam_scores(cohort: Cohort, detector_version: TriageModelVersion) -
 
 @pytest.mark.django_db
 def test_calibration_stores_the_source_and_its_versions_and_evaluate_reports_it(
-    datasets: Path, admin, django_capture_on_commit_callbacks
+    pair: Cohort, admin, django_capture_on_commit_callbacks
 ) -> None:
-    # Two patients of MIAS: p001 (two films, benign masses) and p002 (two normal films).
-    call_command(
-        "import_dataset", "mias", str(datasets / "mini-mias"), "--limit", "4", "--cohort", "pair", stdout=io.StringIO()
-    )
-    cohort = Cohort.objects.get(name="pair")
+    cohort = pair
     detector = register_detector()
     # Detector only: its own score calibrates and evaluates; fused needs a classifier and says so.
     assert services.default_score_source() == "detector"
@@ -203,13 +189,8 @@ def test_calibration_stores_the_source_and_its_versions_and_evaluate_reports_it(
 
 
 @pytest.mark.django_db
-def test_evaluate_a_candidate_detector_without_activating_it(
-    datasets: Path, admin, django_capture_on_commit_callbacks
-) -> None:
-    call_command(
-        "import_dataset", "mias", str(datasets / "mini-mias"), "--limit", "4", "--cohort", "pair", stdout=io.StringIO()
-    )
-    cohort = Cohort.objects.get(name="pair")
+def test_evaluate_a_candidate_detector_without_activating_it(pair: Cohort, admin) -> None:
+    cohort = pair
     register_classifier()
     live = register_detector(name="live", seed=0)
     run("calibrate_triage", "--cohort", "pair", "--score", "detector", "--sign-off", admin.username)

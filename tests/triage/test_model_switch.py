@@ -4,11 +4,8 @@ PostgreSQL, real MIAS films, real (small, untrained) torch models."""
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 import pytest
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError
 from django.urls import reverse
 
 from access.models import AuditEvent
@@ -17,15 +14,6 @@ from triage import selectors, services
 from triage.models import OperatingPoint, TriageAudit, TriageModelVersion
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def chief(django_user_model):
-    from access.services import role_grant
-
-    user = django_user_model.objects.create_user(username="chief", password="a-long-test-password")
-    role_grant(user=user, roles=["admin"])
-    return user
 
 
 def status(name: str) -> str:
@@ -76,17 +64,14 @@ def test_the_command_lists_switches_and_refuses_unknown_names() -> None:
 
 
 def test_a_candidate_calibrated_and_signed_off_before_the_switch_applies_the_moment_it_goes_live(
-    datasets: Path, chief, django_capture_on_commit_callbacks
+    pair, admin, django_capture_on_commit_callbacks
 ) -> None:
-    call_command(
-        "import_dataset", "mias", str(datasets / "mini-mias"), "--limit", "4", "--cohort", "pair", stdout=io.StringIO()
-    )
-    live = register_detector(name="live", seed=0)
-    run("calibrate_triage", "--cohort", "pair", "--sign-off", "chief")
+    register_detector(name="live", seed=0)
+    run("calibrate_triage", "--cohort", "pair", "--sign-off", admin.username)
     on_live = OperatingPoint.objects.get()
     candidate = register_detector(name="candidate", seed=5, activate=False)
 
-    output = run("calibrate_triage", "--cohort", "pair", "--detector", "candidate", "--sign-off", "chief")
+    output = run("calibrate_triage", "--cohort", "pair", "--detector", "candidate", "--sign-off", admin.username)
     assert "calibrated on candidate, not active" in output
     on_candidate = OperatingPoint.objects.latest("pk")
     assert list(on_candidate.model_versions.all()) == [candidate] and on_candidate.score_source == "detector"
@@ -99,7 +84,6 @@ def test_a_candidate_calibrated_and_signed_off_before_the_switch_applies_the_mom
     assert status("live") == "retired"
     with pytest.raises(CommandError, match="live is a detector, not a classifier"):
         run("calibrate_triage", "--cohort", "pair", "--classifier", "live")
-    del live
 
 
 def test_the_admin_switches_versions_through_the_service_and_cannot_edit_the_status(admin_client, admin_user) -> None:
