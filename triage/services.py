@@ -496,6 +496,8 @@ def triage_model_retire(
 
 
 def _model_audit(*, version: TriageModelVersion, user, via: str, request, note: str, before: dict[str, Any]) -> None:
+    """A model switch in the triage audit and the platform audit log; `via` is the door
+    (access.models.Via: "command", or "page" for the admin's actions)."""
     after = {"kind": version.kind, "version": version.name, "status": version.status, "via": via}
     TriageAudit.objects.create(action=TriageAudit.Action.MODEL, user=user, before=before, after=after, note=note)
     _access_audit(
