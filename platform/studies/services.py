@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Func, Value
 
 from . import dicom
@@ -359,8 +359,6 @@ def cohort_union(*, name: str, sources: list[str], exclude_patients_of: list[str
     missing = [n for n in (*sources, *exclude_patients_of) if n not in known]
     if missing:
         raise ValueError(f"no cohort named {missing[0]!r}")
-    if Cohort.objects.filter(name=name).exists():
-        raise ValueError(f"cohort {name!r} exists already: pick a new name")
     kept_apart = Study.objects.filter(cohorts__name__in=exclude_patients_of).values("patient_id")
     studies = list(
         Study.objects.filter(cohorts__name__in=sources).exclude(patient_id__in=kept_apart).distinct().order_by("pk")
@@ -370,8 +368,14 @@ def cohort_union(*, name: str, sources: list[str], exclude_patients_of: list[str
     description = " + ".join(sources) + (
         f", without the patients of {', '.join(exclude_patients_of)}" if exclude_patients_of else ""
     )
-    with transaction.atomic():
-        return cohort_add_studies(name=name, studies=studies, description=description)
+    try:
+        with transaction.atomic():
+            # create, not get_or_create: a cohort of that name made meanwhile is refused too.
+            cohort = Cohort.objects.create(name=name, description=description)
+            CohortMembership.objects.bulk_create([CohortMembership(cohort=cohort, study=study) for study in studies])
+    except IntegrityError:
+        raise ValueError(f"cohort {name!r} exists already: pick a new name") from None
+    return cohort
 
 
 def cohort_split(*, source: str, parts: dict[str, float], seed: int = 0) -> dict[str, Cohort]:
