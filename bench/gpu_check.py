@@ -3,10 +3,10 @@
     python bench/gpu_check.py --json gpu.json                  # on the GPU machine: defaults
     python bench/gpu_check.py --device cpu --n 5000 --dim 32 --images 4 --batch 2 --archs resnet18
 
-Needs only torch, torchvision, numpy and tqdm (no Django, no database, no faiss), because
-the GPU machine's image has torch but no faiss and a call cannot carry the faiss-gpu
-wheel. Where the machine lacks tqdm: `pip install --target .gpu-deps tqdm` beside the
-repository and send `.gpu-deps` along (ignored by git); this script puts it on the path.
+Needs only torch, torchvision, numpy and tqdm (no Django, no database); faiss is optional:
+points 3 and 4 run only where a faiss build sees a GPU. Where the machine lacks tqdm:
+`pip install --target .gpu-deps tqdm` beside the repository and send `.gpu-deps` along
+(ignored by git); this script puts it on the path.
 It measures:
 
 1. encoder throughput: our encoders (embeddings/encoder.py, random weights) embedding
@@ -17,9 +17,16 @@ It measures:
    single-query p50/p99, batched QPS, and fp16's recall@10 against fp32;
 3. faiss on the GPU (flat inner product, `index_cpu_to_gpu`) on the same vectors, only
    where faiss with GPU support is installed;
-4. triage training on the device: the classifier (`triage.training.train_classifier`,
+4. our VectorIndex (embeddings/index.py) serving from its GPU mirror, where faiss with GPU
+   support sees a GPU: the same operations on a GPU index and on an exact CPU index
+   (search, exclusions, removals, adds, k=100, searches during adds, save and load),
+   recall@k of each against the CPU's answer, no removed or excluded id ever returned,
+   and single-query latency and batched QPS of both through `VectorIndex.search`;
+5. training on the device: the encoder's contrastive training (`embeddings.training.train`,
+   256², bf16) for one epoch, the triage classifier (`triage.training.train_classifier`,
    512² films, 256² patches, bf16) for one epoch over synthetic films, and the FCOS
-   detector (`triage.detection.train`) for a fixed number of steps: films/s and steps/s.
+   detector (`triage.detection.train`) and U-Net segmenter (`triage.segmentation.train`)
+   for a fixed number of steps: films/s and steps/s.
 
 Prints a table and writes everything to --json. Sizes and defaults follow the issue:
 batch 256 at 224², 1M×512 vectors.
@@ -48,8 +55,9 @@ except ImportError:
 import torch  # noqa: E402
 
 from embeddings import encoder as enc  # noqa: E402
+from embeddings import training as encoder_training  # noqa: E402
 from embeddings.synthetic import clustered_vectors  # noqa: E402
-from triage import detection, training  # noqa: E402
+from triage import detection, segmentation, training  # noqa: E402
 
 K = 10
 
@@ -152,9 +160,13 @@ def torch_search(
     return rows, truth
 
 
+def faiss_sees_gpu() -> bool:
+    return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
 def faiss_gpu_search(database: np.ndarray, queries: np.ndarray, truth: np.ndarray, *, single: int) -> list[dict]:
     """faiss's flat inner-product index copied to GPU 0, as embeddings/index.py serves it."""
-    if faiss is None or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+    if not faiss_sees_gpu():
         return []
     resources = faiss.StandardGpuResources()
     cpu_index = faiss.IndexFlatIP(database.shape[1])
@@ -183,6 +195,110 @@ def faiss_gpu_search(database: np.ndarray, queries: np.ndarray, truth: np.ndarra
     ]
 
 
+def index_check(database: np.ndarray, queries: np.ndarray, *, use_gpu: bool, single: int, seed: int = 0) -> dict:
+    """embeddings/index.VectorIndex with `use_gpu` against an exact CPU VectorIndex on the
+    same vectors, through the operations search serves: every answer's recall@k against
+    the CPU's, no removed or excluded id ever returned, and the timings of both."""
+    import threading
+
+    from embeddings.index import VectorIndex, gpu_available
+
+    rng = np.random.default_rng(seed)
+    n, dim = database.shape
+    ids = np.arange(n, dtype=np.int64) * 3 + 5  # ids unrelated to positions
+    cpu = VectorIndex(dim, index_type="flat", use_gpu=False)
+    dev = VectorIndex(dim, use_gpu=use_gpu)
+    out: dict = {"vectors": n, "dim": dim, "use_gpu": dev.use_gpu, "faiss_gpu": gpu_available(), "checks": {}}
+    for index in (cpu, dev):
+        index.rebuild(ids, database)
+    out["index_type"] = dev.index_type
+
+    def compare(name: str, k: int = K, forbidden: np.ndarray | None = None, **kwargs) -> None:
+        want = cpu.search(queries, k, **kwargs).ids
+        got = dev.search(queries, k, **kwargs).ids
+        row = {"k": k, "recall": round(recall(got, want), 4), "short_rows": int(((got >= 0).sum(1) < k).sum())}
+        if forbidden is not None:
+            row["forbidden_returned"] = int(np.isin(got, forbidden).sum())
+        out["checks"][name] = row
+
+    compare("search")
+    compare("k=100", k=100)
+    excluded = rng.choice(ids, 200, replace=False)
+    compare("exclude 200 ids", forbidden=excluded, exclude_ids=excluded)
+    # the queries' own nearest neighbours are the ids most worth removing
+    nearest = np.unique(cpu.search(queries[:100], 5).ids)
+    removed = np.unique(np.concatenate([nearest, rng.choice(ids, n // 100, replace=False)]))
+    for index in (cpu, dev):
+        index.remove(removed)
+    out["removed"] = len(removed)
+    compare("after removing 1%", forbidden=removed)
+    new_ids = np.arange(len(queries), dtype=np.int64) * 3 + 3 * n + 5
+    near_queries = queries + rng.normal(0, 0.01, queries.shape).astype(np.float32)
+    for index in (cpu, dev):
+        index.add(new_ids, near_queries)  # each query's own near-copy must now come first
+    compare("after adding near-copies")
+    out["checks"]["near_copy_first"] = round(float(np.mean(dev.search(queries, 1).ids[:, 0] == new_ids)), 4)
+
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def searcher() -> None:
+        try:
+            while not stop.is_set():
+                result = dev.search(queries[:16], K)
+                assert (result.ids >= 0).all()
+        except BaseException as exc:  # reported, not swallowed
+            errors.append(exc)
+
+    threads = [threading.Thread(target=searcher) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    late_ids = new_ids + 3 * len(queries)
+    extra = rng.normal(size=(len(queries), dim)).astype(np.float32)
+    for start in range(0, len(late_ids), 64):
+        for index in (cpu, dev):
+            index.add(late_ids[start : start + 64], extra[start : start + 64])
+    stop.set()
+    for thread in threads:
+        thread.join()
+    out["checks"]["searches_during_adds"] = {"errors": [repr(e) for e in errors]}
+    compare("after concurrent adds")
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        dev.save(folder)
+        loaded, manifest = VectorIndex.load(folder, use_gpu=use_gpu)
+        got, want = loaded.search(queries, K).ids, cpu.search(queries, K).ids
+        out["checks"]["saved and loaded"] = {"k": K, "recall": round(recall(got, want), 4), "count": manifest.count}
+
+    for name, index in (("cpu", cpu), ("device", dev)):
+        index.search(queries[:1], K)  # warm-up (the GPU mirror's first copy)
+        latencies = []
+        for i in range(min(single, len(queries))):
+            start = time.perf_counter()
+            index.search(queries[i : i + 1], K, exclude_ids=excluded[:5])
+            latencies.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        index.search(queries, K)
+        seconds = time.perf_counter() - start
+        out[name] = {
+            "p50_ms": round(float(np.percentile(latencies, 50)), 3),
+            "p99_ms": round(float(np.percentile(latencies, 99)), 3),
+            "batched_qps": round(len(queries) / seconds, 1),
+        }
+    out["ok"] = (
+        not errors
+        and all(
+            row.get("recall", 1) >= 0.99 and not row.get("short_rows") and not row.get("forbidden_returned")
+            for row in out["checks"].values()
+            if isinstance(row, dict) and "recall" in row
+        )
+        and out["checks"]["near_copy_first"] >= 0.99
+    )
+    return out
+
+
 def _films(count: int, side: int, seed: int = 0) -> list[tuple[np.ndarray, tuple[float, float, float, float]]]:
     """Synthetic films: smooth noise with one bright disc each (a lesion to find)."""
     rng = np.random.default_rng(seed)
@@ -196,18 +312,36 @@ def _films(count: int, side: int, seed: int = 0) -> list[tuple[np.ndarray, tuple
     return films
 
 
-def triage_training(device: torch.device, *, films: int, side: int, input_size: int, steps: int) -> list[dict]:
-    """One classifier epoch and `steps` detector steps on synthetic films."""
+def model_training(device: torch.device, *, films: int, side: int, input_size: int, steps: int) -> list[dict]:
+    """One epoch of the encoder and the classifier, `steps` steps of the detector and the
+    segmenter, all on the same synthetic films."""
     data = _films(films, side)
+    batch = min(8, films)
+    rows = []
+    _, enc_report = encoder_training.train(
+        [grey for grey, _ in data], epochs=1, batch_size=max(2, min(32, films)), device=device,
+        num_workers=2 if device.type == "cuda" else 0, progress=False,
+    )  # fmt: skip
+    assert all(np.isfinite(enc_report.epoch_losses)), enc_report.epoch_losses
+    rows.append(
+        {
+            "model": "encoder",
+            "films": films,
+            "input": f"{encoder_training.DEFAULT_INPUT_SIZE}x{encoder_training.DEFAULT_INPUT_SIZE}",
+            "seconds": round(enc_report.seconds, 3),
+            "films_per_s": round(enc_report.images_per_second, 2),
+            "loss": round(enc_report.epoch_losses[-1], 4),
+        }
+    )
     items = [
         training.TrainingItem(grey, abnormal=i % 2, boxes=[box] if i % 2 else [], key=str(i))
         for i, (grey, box) in enumerate(data)
     ]
     config = training.ClassifierConfig(
-        input_size=input_size, patch_size=min(256, input_size), epochs=1, batch_size=min(8, films)
+        input_size=input_size, patch_size=min(256, input_size), epochs=1, batch_size=batch
     )
     _, report = training.train_classifier(items, config, device=device, progress=False)
-    rows = [
+    rows.append(
         {
             "model": "classifier",
             "films": films,
@@ -215,19 +349,29 @@ def triage_training(device: torch.device, *, films: int, side: int, input_size: 
             "seconds": round(report.seconds, 3),
             "films_per_s": round(report.images_per_second, 2),
         }
-    ]
+    )
     samples = [detection.Sample(grey, boxes=[box], labels=[0]) for grey, box in data]
     _, det = detection.train(samples, ["lesion"], input_size=input_size, max_steps=steps, device=device, progress=False)
-    rows.append(
-        {
-            "model": "detector",
-            "steps": det.steps,
-            "input": f"{input_size}x{input_size}",
-            "seconds": round(det.seconds, 3),
-            "steps_per_s": round(det.steps / det.seconds, 2) if det.seconds else None,
-        }
-    )
+    rows.append(_steps_row("detector", det.steps, det.seconds, input_size))
+    masks = [
+        segmentation.Sample(grey, masks={"lesion": segmentation.ellipse_mask(grey.shape, [box])}) for grey, box in data
+    ]
+    _, seg = segmentation.train(
+        masks, ["lesion"], input_size=min(512, input_size), batch_size=batch, max_steps=steps, device=device,
+        progress=False,
+    )  # fmt: skip
+    rows.append(_steps_row("segmenter", seg.steps, seg.seconds, min(512, input_size)))
     return rows
+
+
+def _steps_row(model: str, steps: int, seconds: float, size: int) -> dict:
+    return {
+        "model": model,
+        "steps": steps,
+        "input": f"{size}x{size}",
+        "seconds": round(seconds, 3),
+        "steps_per_s": round(steps / seconds, 2) if seconds else None,
+    }
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -248,11 +392,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--single", type=int, default=200, help="queries timed one at a time")
     parser.add_argument("--query-batch", type=int, default=256)
     parser.add_argument("--skip-encoders", action="store_true")
-    parser.add_argument("--skip-triage", action="store_true")
-    parser.add_argument("--films", type=int, default=64, help="synthetic films for triage training")
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--index-n", type=int, default=None, help="vectors in the VectorIndex check (default --n)")
+    parser.add_argument(
+        "--index-on-cpu", action="store_true", help="run the VectorIndex check even without a GPU faiss (CPU vs CPU)"
+    )
+    parser.add_argument("--films", type=int, default=64, help="synthetic films for training")
     parser.add_argument("--film-side", type=int, default=1024)
     parser.add_argument("--triage-input", type=int, default=512, help="triage models' input side")
-    parser.add_argument("--detector-steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=50, help="detector and segmenter steps")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -276,11 +424,24 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['engine']:<22} {row['vectors']}x{row['dim']}: p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
             f"{row['batched_qps']} QPS batched, recall@10 vs fp32 {row['recall_at_10_vs_fp32']}"
         )
-    if not args.skip_triage:
-        report["triage_training"] = triage_training(
-            device, films=args.films, side=args.film_side, input_size=args.triage_input, steps=args.detector_steps
+    if faiss is not None and (faiss_sees_gpu() or args.index_on_cpu):
+        n = args.index_n or args.n
+        report["index"] = index_check(database[:n], queries, use_gpu=faiss_sees_gpu(), single=min(args.single, 50))
+        row = report["index"]
+        print(
+            f"VectorIndex {row['vectors']}x{row['dim']} use_gpu={row['use_gpu']} ({row['index_type']}): ok={row['ok']}"
         )
-        for row in report["triage_training"]:
+        for name, check in row["checks"].items():
+            print(f"  {name}: {check}")
+        for name in ("cpu", "device"):
+            print(
+                f"  {name}: p50 {row[name]['p50_ms']} ms, p99 {row[name]['p99_ms']} ms, {row[name]['batched_qps']} QPS"
+            )
+    if not args.skip_training:
+        report["training"] = model_training(
+            device, films=args.films, side=args.film_side, input_size=args.triage_input, steps=args.steps
+        )
+        for row in report["training"]:
             rate = f"{row['films_per_s']} films/s" if "films_per_s" in row else f"{row['steps_per_s']} steps/s"
             print(f"train {row['model']:<10} {row['input']}: {rate} ({row['seconds']} s)")
     if args.json is not None:

@@ -25,10 +25,14 @@ Why it is built this way (facts measured on the 2-core machines, see DESIGN.md):
 * GPU (when `faiss.get_num_gpus() > 0` and the build has GPU support): searches run on
   an exact `GpuIndexFlatIP` mirror of the CPU master; adds are mirrored incrementally,
   removals become post-filters until the mirror is re-synced. HNSW does not exist on the
-  GPU and brute force there is faster than HNSW on the CPU, so the CPU master is kept
-  flat (cheap to build, exact, supports removal). **This path is unverified here:** the
-  development machines have no GPU and run faiss-cpu; deploy with `faiss-gpu` (CUDA 12)
-  instead of `faiss-cpu` to use it.
+  GPU, so the CPU master is kept flat (cheap to build, exact, supports removal). Checked
+  on an H100 with faiss-gpu 1.15.1 (`bench/gpu_check.py`): at 1M x 512 the mirror gave the
+  CPU's exact answers through searches, exclusions, removals, adds, k=100, searches during
+  adds and save/load; one query took 4.0 ms (exact) against 0.6 ms for CPU HNSW at recall
+  0.98, 1000 batched queries 34.7k/s. The first search after a removal re-copies the
+  mirror (233 ms at 1M); after an add it copies only the new vectors. Deploy with the
+  `faiss-gpu` wheel: the `faiss-gpu-cu12` wheels carry kernels for sm_70/sm_80 only and
+  fail on Hopper ("no kernel image is available").
 
 Search internals use *positions* (faiss's sequential internal ids inside the
 `IndexIDMap2`) rather than external ids, because tombstones, filters and exclusions all
@@ -53,12 +57,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import faiss  # before torch in any process that uses both: see the module docstring
-import numpy as np
+_TORCH_FIRST = "torch" in sys.modules and "faiss" not in sys.modules  # checked below
+
+import faiss  # noqa: E402 - before torch in any process that uses both: see the module docstring
+import numpy as np  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-if "torch" in sys.modules:  # pragma: no cover - depends on the importing process
+if _TORCH_FIRST:  # pragma: no cover - depends on the importing process
     warnings.warn(
         "torch was imported before faiss: two OpenMP runtimes may conflict. Import "
         "embeddings.index (or faiss) before torch.",
@@ -535,7 +541,7 @@ class _Eligible:
 # --------------------------------------------------------------------------- GPU mirror
 
 
-class _GpuMirror:  # pragma: no cover - needs faiss-gpu and a GPU; unverified here
+class _GpuMirror:  # pragma: no cover - needs faiss-gpu and a GPU (bench/gpu_check.py checks it)
     """Exact brute force on the GPU over the CPU master's positions.
 
     Written per the faiss wiki (StandardGpuResources, index_cpu_to_gpu, GpuIndexFlatIP):

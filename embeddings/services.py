@@ -473,14 +473,17 @@ def index_dir(encoder: EncoderVersion, kind: str) -> Path:
     return Path(settings.PRECEDENT_HOME) / "index" / encoder.name / kind
 
 
+def _index_options() -> dict:
+    """The settings every index of this process is built or loaded with."""
+    return {
+        "index_type": settings.PRECEDENT_INDEX_TYPE,
+        "approx_threshold": settings.PRECEDENT_INDEX_APPROX_THRESHOLD,
+        "use_gpu": {"auto": None, "on": True, "off": False}[settings.PRECEDENT_INDEX_GPU],
+    }
+
+
 def _new_index(encoder: EncoderVersion, kind: str) -> vector_index.VectorIndex:
-    return vector_index.VectorIndex(
-        encoder.dim,
-        kind=kind,
-        encoder_version=encoder.name,
-        index_type=settings.PRECEDENT_INDEX_TYPE,
-        approx_threshold=settings.PRECEDENT_INDEX_APPROX_THRESHOLD,
-    )
+    return vector_index.VectorIndex(encoder.dim, kind=kind, encoder_version=encoder.name, **_index_options())
 
 
 def _embeddings(encoder: EncoderVersion, kind: str):
@@ -522,11 +525,7 @@ def _load_checked(encoder: EncoderVersion, kind: str) -> tuple[vector_index.Vect
     differs from what is saved."""
     directory = index_dir(encoder, kind)
     try:
-        index, manifest = vector_index.VectorIndex.load(
-            directory,
-            index_type=settings.PRECEDENT_INDEX_TYPE,
-            approx_threshold=settings.PRECEDENT_INDEX_APPROX_THRESHOLD,
-        )
+        index, manifest = vector_index.VectorIndex.load(directory, **_index_options())
         if manifest.encoder_version != encoder.name or manifest.dim != encoder.dim:
             raise vector_index.IndexFileError(f"{directory} holds another encoder's index")
     except vector_index.IndexFileError as exc:

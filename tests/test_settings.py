@@ -76,6 +76,11 @@ def test_database_url_must_be_postgres(tmp_path):
     assert result.returncode != 0 and "DATABASE_URL must point at PostgreSQL" in result.stderr
 
 
+def test_index_gpu_must_be_auto_on_or_off(tmp_path):
+    result = manage("check", PRECEDENT_HOME=str(tmp_path), PRECEDENT_INDEX_GPU="yes")
+    assert result.returncode != 0 and "PRECEDENT_INDEX_GPU must be auto, on or off, got 'yes'" in result.stderr
+
+
 def test_embedded_database_survives_restarts(tmp_path):
     """Data written by one process is there for the next (the server stops in between)."""
     home = str(tmp_path / "home")

@@ -259,3 +259,18 @@ def _file(name: str, data: bytes):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     return SimpleUploadedFile(name, data)
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_index_gpu_setting_reaches_the_index(settings, active, caplog, setting):
+    """PRECEDENT_INDEX_GPU is passed to every index the service builds or loads: "on"
+    asks for the GPU copy, which this faiss build cannot give, and says so; "off" never
+    asks. Either way the index serves from the CPU here, with the same answers."""
+    settings.PRECEDENT_INDEX_GPU = setting
+    services.forget_indexes()
+    with caplog.at_level("WARNING", logger="embeddings.index"):
+        built = services.index_build(active, "image")
+        services.serving_index(active, "image")
+    warned = [r for r in caplog.records if "use_gpu requested" in r.getMessage()]
+    assert len(warned) == (2 if setting == "on" else 0)
+    assert built.use_gpu is False and len(built) == Embedding.objects.filter(encoder=active, kind="image").count()
