@@ -42,7 +42,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from embeddings.encoder import pick_device
 
 from .loop import fit
-from .weights import ModelMeta, init_trunk
+from .weights import InitReport, ModelMeta, init_trunk
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,12 @@ def prepare(
 
 
 # --- the model -------------------------------------------------------------------------
+
+
+def check_init(path: str | os.PathLike[str], *, arch: str = DEFAULT_ARCH) -> InitReport:
+    """Load a trunk checkpoint into a throwaway detector of `arch`: raises ModelFileError
+    for a damaged file or another architecture before any film is decoded."""
+    return init_trunk(build(["lesion"], arch=arch).backbone.body, path, architecture=arch)
 
 
 def build(

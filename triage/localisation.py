@@ -211,6 +211,8 @@ def train_detector(
     options["init_weights"] = init_weights_path(
         weights=options.pop("weights", None), init_from_encoder=options.pop("init_from_encoder", False)
     )
+    if options["init_weights"]:  # a bad file fails now, not after the cohort is decoded
+        detection.check_init(options["init_weights"], arch=options.get("arch", detection.DEFAULT_ARCH))
     input_size = int(options["input_size"])
     images = [i for i in cohort_images(cohort, keep_long_side=KEEP_FACTOR * input_size, progress=progress) if i.located]
     options["breast_crop"] = _breast_crop(cohort, images, bool(options.get("breast_crop")))

@@ -644,6 +644,8 @@ def _train_classifier(
     from .selectors import decode_instance, labelled_images
 
     init = init_weights_path(weights=weights, init_from_encoder=init_from_encoder)
+    if init:  # a bad file fails now, not after the cohort is decoded
+        core.init_backbone(core.build_classifier(training.ClassifierConfig().architecture), init)
     labelled = labelled_images(cohort=cohort)
     if not labelled:
         raise ValueError(f"cohort {cohort.name!r} has no labelled images (no studies.Finding rows)")

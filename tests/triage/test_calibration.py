@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from django.core.management import CommandError, call_command
 from django.db import IntegrityError, transaction
 from django.urls import reverse
@@ -90,6 +91,22 @@ def test_train_triage_passes_size_crop_time_budget_and_start_weights_to_the_dete
     assert settings["init"]["source"] == "encoder.pt"
     assert settings["init"]["loaded"] == settings["init"]["total"] > 100
     assert "detector tiny-det registered" in output
+
+
+@pytest.mark.parametrize("model", ["classifier", "detector"])
+def test_train_triage_refuses_bad_start_weights_before_reading_the_cohort(tmp_path: Path, model: str) -> None:
+    """The weights file is checked first: the bare cohort would fail later on (no
+    labelled images, no boxes), and a real cohort would be decoded for nothing."""
+    Cohort.objects.create(name="bare")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CommandError, match="junk.pt is not a readable torch weights file"):
+        run("train_triage", "--cohort", "bare", "--model", model, "--epochs", "1", "--weights", str(junk))
+    wrong = tmp_path / "r50.pt"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), wrong)
+    with pytest.raises(CommandError, match="r50.pt does not fit"):
+        run("train_triage", "--cohort", "bare", "--model", model, "--epochs", "1", "--weights", str(wrong))
+    assert not TriageModelVersion.objects.exists()
 
 
 def test_train_triage_on_a_cohort_without_labels_says_so() -> None:
