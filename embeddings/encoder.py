@@ -559,6 +559,27 @@ def _checkpoint_state(payload: Any) -> dict[str, torch.Tensor]:
     return state
 
 
+def fit_state(
+    own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *, stem: str
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """The tensors of a checkpoint's `state` that fit a one-channel network's `own` state
+    by name and shape (cast to its dtypes), the keys adapted, and the keys skipped. An RGB
+    `stem` kernel becomes one channel by summing over RGB: the response to a grey image
+    repeated in three channels. Shared by every loader of user-provided weights."""
+    usable: dict[str, torch.Tensor] = {}
+    adapted: list[str] = []
+    skipped: list[str] = []
+    for key, value in state.items():
+        if key == stem and value.ndim == 4 and value.shape[1] == 3:
+            value = value.sum(dim=1, keepdim=True)
+            adapted.append(key)
+        if key in own and own[key].shape == value.shape:
+            usable[key] = value.to(own[key].dtype)
+        else:
+            skipped.append(key)
+    return usable, adapted, skipped
+
+
 def init_from_torchvision(model: Encoder, path: str | os.PathLike[str]) -> InitReport:
     """Initialise the backbone from a user-provided torchvision checkpoint.
 
@@ -574,16 +595,7 @@ def init_from_torchvision(model: Encoder, path: str | os.PathLike[str]) -> InitR
     path = Path(path)
     state = _checkpoint_state(_read_checkpoint(path))
     own = model.backbone.state_dict()
-    stem = f"{model.first_conv}.weight"
-    usable, adapted, skipped = {}, [], []
-    for key, value in state.items():
-        if key == stem and value.ndim == 4 and value.shape[1] == 3:
-            value = value.sum(dim=1, keepdim=True)
-            adapted.append(key)
-        if key in own and own[key].shape == value.shape:
-            usable[key] = value.to(own[key].dtype)
-        else:
-            skipped.append(key)
+    usable, adapted, skipped = fit_state(own, state, stem=f"{model.first_conv}.weight")
     if len(usable) < len(own) / 2:
         raise EncoderFileError(
             f"{path.name} does not fit {model.architecture}: only {len(usable)} of {len(own)} backbone tensors match"

@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 # One weights-file discipline for every model: the same atomic write and the same digest.
-from embeddings.encoder import atomic_torch_save, state_digest
+from embeddings.encoder import atomic_torch_save, fit_state, state_digest
 
 FORMAT = "precedent-triage-model"
 FORMAT_VERSION = 1
@@ -174,13 +174,7 @@ def init_trunk(trunk: nn.Module, path: str | os.PathLike[str], *, architecture: 
             raise ModelFileError(f"{path.name} holds no state_dict")
         state = {k.removeprefix("module."): v for k, v in payload.items() if isinstance(v, torch.Tensor)}
     own = trunk.state_dict()
-    usable, adapted = {}, 0
-    for key, value in state.items():
-        if key == "conv1.weight" and value.ndim == 4 and value.shape[1] == 3:
-            value = value.sum(dim=1, keepdim=True)
-            adapted += 1
-        if key in own and own[key].shape == value.shape:
-            usable[key] = value.to(own[key].dtype)
+    usable, adapted, _ = fit_state(own, state, stem="conv1.weight")
     candidates = [k for k in state if not k.startswith(("fc.", "classifier.", "head."))]
     # Both ways: a checkpoint of a deeper net shares many names and shapes (stem, first
     # blocks) with a shallower one, yet most of its tensors have nowhere to go.
@@ -189,4 +183,4 @@ def init_trunk(trunk: nn.Module, path: str | os.PathLike[str], *, architecture: 
             f"{path.name} does not fit {architecture}: only {len(usable)} of {len(own)} trunk tensors match"
         )
     trunk.load_state_dict(usable, strict=False)
-    return InitReport(source=path.name, loaded=len(usable), adapted=adapted, total=len(own))
+    return InitReport(source=path.name, loaded=len(usable), adapted=len(adapted), total=len(own))
