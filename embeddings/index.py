@@ -23,14 +23,15 @@ Why it is built this way (facts measured on the 2-core machines, see DESIGN.md):
   is set per call in the *calling* thread (OpenMP's nthreads is a per-thread setting),
   so web threads and a background builder do not fight over one global.
 * GPU (when `faiss.get_num_gpus() > 0` and the build has GPU support): searches run on
-  an exact `GpuIndexFlatIP` mirror of the CPU master; adds are mirrored incrementally,
-  removals become post-filters until the mirror is re-synced. HNSW does not exist on the
-  GPU, so the CPU master is kept flat (cheap to build, exact, supports removal). Checked
-  on an H100 with faiss-gpu 1.15.1 (`bench/gpu_check.py`): at 1M x 512 the mirror gave the
-  CPU's exact answers through searches, exclusions, removals, adds, k=100, searches during
-  adds and save/load; one query took 4.0 ms (exact) against 0.6 ms for CPU HNSW at recall
-  0.98, 1000 batched queries 34.7k/s. The first search after a removal re-copies the
-  mirror (233 ms at 1M); after an add it copies only the new vectors. Deploy with the
+  an exact `GpuIndexFlatIP` mirror of the CPU master. HNSW does not exist on the GPU, so
+  the CPU master is kept flat (cheap to build, exact, supports removal). Adds are
+  mirrored incrementally; a removal renumbers the flat master's positions, so the next
+  search re-copies the mirror (233 ms at 1M x 512); exclusions and the tombstones of a
+  forced approximate master are post-filtered. Checked on an H100 with faiss-gpu 1.15.1
+  (`bench/gpu_check.py`): at 1M x 512 the mirror gave the CPU's exact answers through
+  searches, exclusions, removals, adds, k=100, searches during adds and save/load; one
+  query took 4.0 ms (exact) against 0.6 ms for CPU HNSW at recall 0.98, and 1000 batched
+  queries ran at 34.7k/s (`PRECEDENT_INDEX_GPU=off` keeps searches on the CPU). Deploy with the
   `faiss-gpu` wheel: the `faiss-gpu-cu12` wheels carry kernels for sm_70/sm_80 only and
   fail on Hopper ("no kernel image is available").
 
