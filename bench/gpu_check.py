@@ -320,7 +320,7 @@ def model_training(device: torch.device, *, films: int, side: int, input_size: i
     rows = []
     _, enc_report = encoder_training.train(
         [grey for grey, _ in data], epochs=1, batch_size=max(2, min(32, films)), device=device,
-        num_workers=2 if device.type == "cuda" else 0, progress=False,
+        num_workers=None if device.type == "cuda" else 0, progress=False,
     )  # fmt: skip
     assert all(np.isfinite(enc_report.epoch_losses)), enc_report.epoch_losses
     rows.append(

@@ -16,6 +16,7 @@ from embeddings.training import (
     Augmentation,
     ContrastiveDataset,
     ContrastiveLearner,
+    default_num_workers,
     label_indices,
     nt_xent,
     supcon,
@@ -42,6 +43,16 @@ def test_train_self_supervised(films):
     assert not model.training and model.preprocessing.input_size == 32
     meta = report.training_meta(cohort="phantoms")
     assert meta.epochs == 1 and meta.settings["labelled"] == 0
+    assert meta.settings["num_workers"] == 1  # the CPU default, recorded with the weights
+
+
+def test_augmenting_workers_follow_the_device(monkeypatch):
+    """One worker beside the CPU's training; on a GPU every core but one augments (16 at
+    most), since augmentation is what a GPU waits for."""
+    assert default_num_workers(torch.device("cpu")) == 1
+    for cores, workers in ((16, 15), (64, 16), (2, 1), (1, 1)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert default_num_workers(torch.device("cuda")) == workers
 
 
 def test_train_with_some_labels(films):
