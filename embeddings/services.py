@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from django.conf import settings
@@ -543,6 +544,37 @@ def _load_checked(encoder: EncoderVersion, kind: str) -> tuple[vector_index.Vect
         log.info("index %s/%s was stale: %d added, %d removed", encoder.name, kind, len(missing), len(extra))
         return index, True
     return index, False
+
+
+def index_status(encoder: EncoderVersion, kind: str) -> dict[str, Any]:
+    """What an administrator asks of one index: the embeddings in PostgreSQL, the saved
+    files (read before anything is loaded: whether they match PostgreSQL), and the index
+    this process serves from (type, size, where its searches run)."""
+    db_ids = np.fromiter(_embeddings(encoder, kind).values_list("id", flat=True), dtype=np.int64)
+    status: dict[str, Any] = {"kind": kind, "embeddings": len(db_ids)}
+    try:
+        manifest = vector_index.VectorIndex.read_manifest(index_dir(encoder, kind))
+    except vector_index.IndexFileError as exc:
+        status["saved"] = {"error": str(exc)}
+    else:
+        status["saved"] = {
+            "count": manifest.count,
+            "index_type": manifest.index_type,
+            "created_at": manifest.created_at,
+            "matches_database": manifest.encoder_version == encoder.name
+            and manifest.ids_sha256 == vector_index.ids_checksum(db_ids),
+        }
+    index = serving_index(encoder, kind)
+    status["serving"] = {
+        "count": len(index),
+        "index_type": index.index_type,
+        "tombstones": index.tombstones,
+        "memory_bytes": index.memory_bytes(),
+        "searches_on": "gpu" if index.use_gpu else "cpu",
+        "gpu_setting": settings.PRECEDENT_INDEX_GPU,
+        "faiss_sees_gpu": vector_index.gpu_available(),
+    }
+    return status
 
 
 def serving_index(encoder: EncoderVersion, kind: str, *, save: bool = False) -> vector_index.VectorIndex:

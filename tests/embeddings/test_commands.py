@@ -108,6 +108,8 @@ def test_register_rejects_other_files(tmp_path):
         (["evaluate_retrieval", "--cohort", "nope"], "no cohort named 'nope'"),
         (["embed", "--pending"], "no active encoder"),
         (["encoder", "activate", "nope"], "no encoder version named 'nope'"),
+        (["encoder", "index"], "no encoder is active"),
+        (["encoder", "index", "nope"], "no encoder version named 'nope'"),
     ],
 )
 def test_one_line_errors(args, message):
@@ -135,3 +137,39 @@ def test_train_from_user_provided_torchvision_weights(cohort, tmp_path):
     assert EncoderVersion.objects.get(name="from-weights").metadata["init_weights"] == str(checkpoint)
     with pytest.raises(CommandError, match="is not a file"):
         run("train_encoder", "--cohort", cohort, "--weights", str(tmp_path / "missing.pth"))
+
+
+def test_encoder_index_reports_database_files_and_serving_index(cohort, tmp_path, settings):
+    """`encoder index`: what PostgreSQL holds, whether the saved files match it (read
+    before loading), and what this process serves and where it searches."""
+    from embeddings import encoder as enc
+    from embeddings import services
+
+    enc.save_encoder(tmp_path / "tiny.pt", enc.build_encoder("resnet18", dim=32, preprocessing=enc.Preprocessing(64)))
+    run("encoder", "register", str(tmp_path / "tiny.pt"), "--name", "tiny")
+    run("encoder", "activate", "tiny", "--wait")
+    version = EncoderVersion.objects.get(name="tiny")
+    counts = {kind: Embedding.objects.filter(encoder=version, kind=kind).count() for kind in ("image", "region")}
+    assert counts == {"image": 16, "region": 8}  # the 8 boxes of these 16 films
+
+    report = json.loads(run("encoder", "index", "--json"))
+    assert report["encoder"] == "tiny" and report["status"] == "active"
+    for row in report["indexes"]:
+        assert row["embeddings"] == counts[row["kind"]]
+        assert row["saved"]["count"] == counts[row["kind"]] and row["saved"]["matches_database"] is True
+        serving = row["serving"]
+        assert serving["count"] == counts[row["kind"]] and serving["index_type"] == "flat"
+        assert serving["searches_on"] == "cpu" and serving["faiss_sees_gpu"] is False
+    text = run("encoder", "index", "tiny")
+    assert "image  16 embeddings in PostgreSQL" in text and "matches PostgreSQL" in text
+    assert "searches on the CPU (faiss sees no GPU) (PRECEDENT_INDEX_GPU=auto)" in text
+
+    # A process starting after the files went stale: the files say so, the index it
+    # serves has caught up with PostgreSQL.
+    services.forget_indexes()
+    Embedding.objects.filter(encoder=version, kind="image").order_by("pk").first().delete()
+    settings.PRECEDENT_INDEX_GPU = "off"
+    image = json.loads(run("encoder", "index", "--json"))["indexes"][0]
+    assert image["embeddings"] == 15 and image["saved"]["matches_database"] is False
+    assert image["serving"]["count"] == 15 and image["serving"]["gpu_setting"] == "off"
+    assert "(faiss sees no GPU)" not in run("encoder", "index")

@@ -1,8 +1,9 @@
 """python manage.py encoder list | register PATH [--name N] | activate NAME [--wait]
-| pool NAME --pooling max --image-size 512 [--name N]."""
+| pool NAME --pooling max --image-size 512 [--name N] | index [NAME] [--json]."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,18 @@ class Command(BaseCommand):
             "--image-size", type=int, default=512, help="the film's long side for whole images (default 512)"
         )
         pool.add_argument("--new-name", default="", help="default: NAME-<pooling><size>")
+        index = sub.add_parser(
+            "index",
+            help="the search indexes of a version (default: the active one): embeddings in PostgreSQL, the saved "
+            "files and whether they match, and the index this process serves (type, size, CPU or GPU)",
+        )
+        index.add_argument("name", nargs="?", default="")
+        index.add_argument("--json", action="store_true", help="one JSON object instead of text")
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
+        if action == "index":
+            self._index(options["name"], as_json=options["json"])
+            return
         if action == "register":
             try:
                 version = services.encoder_register(path=options["path"], name=options["name"])
@@ -76,6 +87,37 @@ class Command(BaseCommand):
                 f"with {options['pooling']} pooling; `encoder activate {version.name}` to serve it"
             )
         self._list()
+
+    def _index(self, name: str, *, as_json: bool) -> None:
+        if name:
+            version = EncoderVersion.objects.filter(name=name).first()
+            if version is None:
+                raise CommandError(f"no encoder version named {name!r}")
+        else:
+            version = EncoderVersion.objects.filter(status=EncoderVersion.Status.ACTIVE).first()
+            if version is None:
+                raise CommandError("no encoder is active (name a version)")
+        statuses = [services.index_status(version, kind) for kind in ("image", "region")]
+        if as_json:
+            self.stdout.write(json.dumps({"encoder": version.name, "status": version.status, "indexes": statuses}))
+            return
+        self.stdout.write(f"{version.name} ({version.get_status_display()})")
+        for row in statuses:
+            saved, serving = row["saved"], row["serving"]
+            if "error" in saved:
+                files = f"no usable saved index ({saved['error']})"
+            else:
+                agreement = "matches PostgreSQL" if saved["matches_database"] else "stale: rebuilt or caught up on load"
+                files = f"saved {saved['created_at']}: {saved['count']} vectors, {saved['index_type']}, {agreement}"
+            where = serving["searches_on"].upper()
+            if where == "CPU" and serving["gpu_setting"] != "off" and not serving["faiss_sees_gpu"]:
+                where += " (faiss sees no GPU)"
+            self.stdout.write(
+                f"  {row['kind']:6} {row['embeddings']} embeddings in PostgreSQL; {files}; serving "
+                f"{serving['count']} vectors ({serving['index_type']}, {serving['tombstones']} tombstones, "
+                f"{serving['memory_bytes'] / 2**20:.1f} MiB), searches on the {where} "
+                f"(PRECEDENT_INDEX_GPU={serving['gpu_setting']})"
+            )
 
     def _embed(self, version: EncoderVersion, verbosity: int) -> None:
         total = services.pending_instances(version).count()
