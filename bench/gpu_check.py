@@ -15,18 +15,20 @@ It measures:
 2. the GPU search reference: exact inner-product top-10 with torch on the device over
    the clustered synthetic vectors bench_search uses (1M×512 by default), fp32 and fp16:
    single-query p50/p99, batched QPS, and fp16's recall@10 against fp32;
-3. faiss on the GPU (flat inner product, `index_cpu_to_gpu`) on the same vectors, only
-   where faiss with GPU support is installed;
+3. faiss on the GPU (flat inner product, `index_cpu_to_gpu`, and with float16 storage)
+   on the same vectors, only where faiss with GPU support is installed;
 4. our VectorIndex (embeddings/index.py) serving from its GPU mirror, where faiss with GPU
    support sees a GPU: the same operations on a GPU index and on an exact CPU index
    (search, exclusions, removals, adds, k=100, searches during adds, save and load),
    recall@k of each against the CPU's answer, no removed or excluded id ever returned,
-   and single-query latency and batched QPS of both through `VectorIndex.search`;
+   single-query latency and batched QPS of both through `VectorIndex.search`, and what
+   keeping the mirror current costs a search (first copy, after a removal, after an add);
 5. training on the device: the encoder's contrastive training (`embeddings.training.train`,
    256², bf16) for one epoch, the triage classifier (`triage.training.train_classifier`,
    512² films, 256² patches, bf16) for one epoch over synthetic films, and the FCOS
    detector (`triage.detection.train`) and U-Net segmenter (`triage.segmentation.train`)
-   for a fixed number of steps: films/s and steps/s.
+   for a fixed number of steps: films/s and steps/s; and the encoder's training rate
+   against the number of augmenting DataLoader workers (on CUDA by default).
 
 Prints a table and writes everything to --json. Sizes and defaults follow the issue:
 batch 256 at 224², 1M×512 vectors.
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform as _stdlib_platform
 import sys
 import time
@@ -165,34 +168,45 @@ def faiss_sees_gpu() -> bool:
 
 
 def faiss_gpu_search(database: np.ndarray, queries: np.ndarray, truth: np.ndarray, *, single: int) -> list[dict]:
-    """faiss's flat inner-product index copied to GPU 0, as embeddings/index.py serves it."""
+    """faiss's flat inner-product index on GPU 0, as embeddings/index.py serves it
+    (`index_cpu_to_gpu`), and the same with float16 storage (`useFloat16`)."""
     if not faiss_sees_gpu():
         return []
     resources = faiss.StandardGpuResources()
     cpu_index = faiss.IndexFlatIP(database.shape[1])
     cpu_index.add(database)
-    index = faiss.index_cpu_to_gpu(resources, 0, cpu_index)
-    index.search(queries[:1], K)
-    latencies = []
-    for i in range(min(single, len(queries))):
+    rows = []
+    for float16 in (False, True):
+        if float16:
+            config = faiss.GpuIndexFlatConfig()
+            config.useFloat16 = True
+            index = faiss.GpuIndexFlatIP(resources, database.shape[1], config)
+            index.add(database)
+        else:
+            index = faiss.index_cpu_to_gpu(resources, 0, cpu_index)
+        index.search(queries[:1], K)
+        latencies = []
+        for i in range(min(single, len(queries))):
+            start = time.perf_counter()
+            index.search(queries[i : i + 1], K)
+            latencies.append((time.perf_counter() - start) * 1000)
         start = time.perf_counter()
-        index.search(queries[i : i + 1], K)
-        latencies.append((time.perf_counter() - start) * 1000)
-    start = time.perf_counter()
-    _, found = index.search(queries, K)
-    seconds = time.perf_counter() - start
-    return [
-        {
-            "engine": "faiss GPU flat IP",
-            "vectors": len(database),
-            "dim": database.shape[1],
-            "p50_ms": round(float(np.percentile(latencies, 50)), 3),
-            "p99_ms": round(float(np.percentile(latencies, 99)), 3),
-            "batched_qps": round(len(queries) / seconds, 1),
-            "query_batch": len(queries),
-            "recall_at_10_vs_fp32": round(recall(found, truth), 4),
-        }
-    ]
+        _, found = index.search(queries, K)
+        seconds = time.perf_counter() - start
+        rows.append(
+            {
+                "engine": "faiss GPU flat IP" + (" fp16" if float16 else ""),
+                "vectors": len(database),
+                "dim": database.shape[1],
+                "p50_ms": round(float(np.percentile(latencies, 50)), 3),
+                "p99_ms": round(float(np.percentile(latencies, 99)), 3),
+                "batched_qps": round(len(queries) / seconds, 1),
+                "query_batch": len(queries),
+                "recall_at_10_vs_fp32": round(recall(found, truth), 4),
+            }
+        )
+        del index
+    return rows
 
 
 def index_check(database: np.ndarray, queries: np.ndarray, *, use_gpu: bool, single: int, seed: int = 0) -> dict:
@@ -272,6 +286,7 @@ def index_check(database: np.ndarray, queries: np.ndarray, *, use_gpu: bool, sin
         got, want = loaded.search(queries, K).ids, cpu.search(queries, K).ids
         out["checks"]["saved and loaded"] = {"k": K, "recall": round(recall(got, want), 4), "count": manifest.count}
 
+    out["upkeep_ms"] = _upkeep(VectorIndex, database, ids, queries, use_gpu=use_gpu)
     for name, index in (("cpu", cpu), ("device", dev)):
         index.search(queries[:1], K)  # warm-up (the GPU mirror's first copy)
         latencies = []
@@ -296,6 +311,26 @@ def index_check(database: np.ndarray, queries: np.ndarray, *, use_gpu: bool, sin
         )
         and out["checks"]["near_copy_first"] >= 0.99
     )
+    return out
+
+
+def _upkeep(vector_index, database, ids, queries, *, use_gpu: bool) -> dict:
+    """What keeping a fresh index current costs one search (ms): the first search (the
+    GPU mirror's first copy), the next, the first after one removal (flat master:
+    positions move, the mirror is copied again) and the first after one add."""
+
+    def timed() -> float:
+        start = time.perf_counter()
+        index.search(queries[:1], K)
+        return round((time.perf_counter() - start) * 1000, 2)
+
+    index = vector_index(database.shape[1], use_gpu=use_gpu)
+    index.rebuild(ids, database)
+    out = {"first_search": timed(), "next_search": timed()}
+    index.remove(ids[:1])
+    out["after_a_removal"] = timed()
+    index.add([int(ids.max()) + 1], queries[:1])
+    out["after_an_add"] = timed()
     return out
 
 
@@ -364,6 +399,31 @@ def model_training(device: torch.device, *, films: int, side: int, input_size: i
     return rows
 
 
+def encoder_workers(
+    device: torch.device, workers: list[int], *, films: int, side: int, batch: int, epochs: int = 2
+) -> list[dict]:
+    """Contrastive training throughput against the number of augmenting DataLoader
+    workers (what `embeddings.training.default_num_workers` is set from)."""
+    data = [grey for grey, _ in _films(films, side, seed=1)]
+    rows = []
+    for count in workers:
+        _, report = encoder_training.train(
+            data, epochs=epochs, batch_size=batch, device=device, num_workers=count, progress=False
+        )
+        rows.append(
+            {
+                "workers": count,
+                "films": films,
+                "film": f"{side}x{side}",
+                "batch": batch,
+                "epochs": epochs,
+                "seconds": round(report.seconds, 3),
+                "films_per_s": round(report.images_per_second, 1),
+            }
+        )
+    return rows
+
+
 def _steps_row(model: str, steps: int, seconds: float, size: int) -> dict:
     return {
         "model": model,
@@ -401,6 +461,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--film-side", type=int, default=1024)
     parser.add_argument("--triage-input", type=int, default=512, help="triage models' input side")
     parser.add_argument("--steps", type=int, default=50, help="detector and segmenter steps")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="*",
+        default=None,
+        help="augmenting-worker counts to time encoder training with (default on CUDA: 1 4 8 and every core "
+        "but one; none on the CPU)",
+    )
+    parser.add_argument("--worker-films", type=int, default=384, help="films of the worker sweep")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -433,10 +502,21 @@ def main(argv: list[str] | None = None) -> dict:
         )
         for name, check in row["checks"].items():
             print(f"  {name}: {check}")
+        print(f"  upkeep (ms): {row['upkeep_ms']}")
         for name in ("cpu", "device"):
             print(
                 f"  {name}: p50 {row[name]['p50_ms']} ms, p99 {row[name]['p99_ms']} ms, {row[name]['batched_qps']} QPS"
             )
+    workers = args.workers
+    if workers is None:
+        cores = len(os.sched_getaffinity(0))
+        workers = sorted({1, 4, 8, cores - 1} - {0}) if device.type == "cuda" else []
+    if workers and not args.skip_training:
+        report["encoder_workers"] = encoder_workers(
+            device, workers, films=args.worker_films, side=args.film_side, batch=16
+        )
+        for row in report["encoder_workers"]:
+            print(f"train encoder, {row['workers']:>2} augmenting workers: {row['films_per_s']} films/s")
     if not args.skip_training:
         report["training"] = model_training(
             device, films=args.films, side=args.film_side, input_size=args.triage_input, steps=args.steps

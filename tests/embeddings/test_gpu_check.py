@@ -17,7 +17,8 @@ def test_gpu_check_runs_on_the_cpu_and_reports_every_figure(tmp_path):
             sys.executable, str(REPO_ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--archs", "resnet18",
             "--images", "4", "--batch", "2", "--size", "64", "--n", "3000", "--dim", "32", "--queries", "16",
             "--single", "4", "--query-batch", "8", "--films", "4", "--film-side", "512", "--triage-input", "512",
-            "--steps", "2", "--index-on-cpu", "--index-n", "2000", "--json", str(out),
+            "--steps", "2", "--index-on-cpu", "--index-n", "2000", "--workers", "0", "1", "--worker-films", "4",
+            "--json", str(out),
         ],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
@@ -42,6 +43,11 @@ def test_gpu_check_runs_on_the_cpu_and_reports_every_figure(tmp_path):
     assert checks["exclude 200 ids"]["forbidden_returned"] == 0 and checks["after removing 1%"]["recall"] == 1.0
     assert checks["near_copy_first"] == 1.0 and checks["searches_during_adds"]["errors"] == []
     assert checks["saved and loaded"]["count"] == 2000 - index["removed"] + 2 * 16
+    assert set(index["upkeep_ms"]) == {"first_search", "next_search", "after_a_removal", "after_an_add"}
+    assert all(ms > 0 for ms in index["upkeep_ms"].values())
+    assert [row["workers"] for row in report["encoder_workers"]] == [0, 1]
+    assert all(row["films"] == 4 and row["films_per_s"] > 0 for row in report["encoder_workers"])
+    assert "train encoder,  1 augmenting workers" in result.stdout
     assert (
         "encoder resnet18" in result.stdout
         and "torch exact float32" in result.stdout
