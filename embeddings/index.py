@@ -26,7 +26,7 @@ Why it is built this way (facts measured on the 2-core machines, see DESIGN.md):
   an exact `GpuIndexFlatIP` mirror of the CPU master. HNSW does not exist on the GPU, so
   the CPU master is kept flat (cheap to build, exact, supports removal). Adds are
   mirrored incrementally; a removal renumbers the flat master's positions, so the next
-  search re-copies the mirror (233 ms at 1M x 512); exclusions and the tombstones of a
+  search re-copies the mirror (233-279 ms at 1M x 512); exclusions and the tombstones of a
   forced approximate master are post-filtered. Checked on an H100 with faiss-gpu 1.15.1
   (`bench/gpu_check.py`): at 1M x 512 the mirror gave the CPU's exact answers through
   searches, exclusions, removals, adds, k=100, searches during adds and save/load; one

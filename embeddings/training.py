@@ -63,10 +63,11 @@ DEFAULT_SUPERVISED_WEIGHT = 0.5
 # On the CPU one worker augments while the main process trains: 10-25 % faster than
 # augmenting in the main process on 2 cores (per-image ops run single-threaded in a
 # worker, which suits them). On a GPU augmentation is the bottleneck: on an H100 with 16
-# cores, 384 films of 1024² at 256², batch 16, trained at 93 films/s with 1 worker, 337
-# with 4, 451 with 8 and 492 with 15; so there every core but one augments (at most 16).
+# cores, 384 films of 1024² at 256², batch 16, trained at 93 and 89 films/s with 1 worker
+# (two runs), 337 and 286 with 4, 451 and 403 with 8, 492 and 370 with 15; so there up to
+# 8 cores augment (one is left to the training loop).
 DEFAULT_NUM_WORKERS = 1
-MAX_CUDA_WORKERS = 16
+MAX_CUDA_WORKERS = 8
 
 
 def default_num_workers(device: torch.device) -> int:
