@@ -23,13 +23,21 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
 from .errors import InvalidDicom, NotDicom, PixelDataError, RenderError, UnsupportedTransferSyntax
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# PS3.3 C.7.6.3.1.2, retired values included: anything else cannot be rendered.
+PHOTOMETRIC_INTERPRETATIONS = frozenset(
+    {
+        "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
+        "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB", "HSV", "ARGB", "CMYK",
+    }
+)  # fmt: skip
+_PIXEL_TAGS = frozenset(pydicom.datadict.tag_for_keyword(keyword) for keyword in PIXEL_KEYWORDS)
 # Leading zeros in UID components are common in the wild and harmless for us; the
 # characters and length are what keep URLs and database keys safe.
 _UID_LOOSE_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -111,7 +119,9 @@ def read_dataset(path: Path | str, *, stop_before_pixels: bool = False) -> Datas
     return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, defer_size="256 KB")
 
 
-def read_header(path: Path | str, *, verify_pixels: bool = True) -> tuple[Dataset, DicomHeader]:
+def read_header(
+    path: Path | str, *, verify_pixels: bool = True, require_uids: bool = True
+) -> tuple[Dataset, DicomHeader]:
     """Parse and validate one DICOM Part 10 file.
 
     Raises an `IngestError` subclass with a one-line reason when the file cannot be
@@ -119,6 +129,8 @@ def read_header(path: Path | str, *, verify_pixels: bool = True) -> tuple[Datase
     unsupported transfer syntax, or pixel data that is short or undecodable.
     With `verify_pixels`, compressed pixel data is proven decodable by decoding the
     first frame; uncompressed pixel data is checked by length, which costs nothing.
+    `require_uids=False` reads a file that will not be stored (a search query): its
+    missing UIDs are left empty instead of refused.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -143,6 +155,10 @@ def read_header(path: Path | str, *, verify_pixels: bool = True) -> tuple[Datase
             raise InvalidDicom(f"file is truncated: {re.sub(r' in file .*$', '', note)}")
 
     meta = ds.file_meta
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:  # offsets are in the inflated stream
+        cut = _cut_short(ds, size)
+        if cut:
+            raise InvalidDicom(f"file is truncated: {cut}")
     if meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
         raise InvalidDicom(
             "this is a DICOMDIR (media directory), not an instance: ingest its folder, or the files it references"
@@ -159,6 +175,9 @@ def read_header(path: Path | str, *, verify_pixels: bool = True) -> tuple[Datase
         ("SeriesInstanceUID", "(0020,000E)"),
     ):
         value = _text(ds, keyword, 200)
+        if not value and not require_uids:
+            uids[keyword] = ""
+            continue
         if not value:
             raise InvalidDicom(f"missing {keyword} {tag}")
         if len(value) > 64 or not _UID_LOOSE_RE.match(value):
@@ -199,6 +218,31 @@ def read_header(path: Path | str, *, verify_pixels: bool = True) -> tuple[Datase
     return ds, header
 
 
+def _cut_short(ds: Dataset, size: int) -> str:
+    """Why a file that pydicom read without complaint was cut short, or "".
+
+    pydicom reads a last element whose value runs past the end of the file, and stops
+    quietly when the file ends inside an element's header: a cut file then reads as a
+    shorter, valid-looking one (a CT slice without its pixel data, a UID missing its
+    last digits). In a whole file the last top-level element ends where the file ends.
+    """
+    end: int | None = None
+    for tag in sorted(ds.keys()):
+        elem = ds.get_item(tag, keep_deferred=True)
+        tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+        if tell is None or length is None or length == 0xFFFFFFFF or tag in _PIXEL_TAGS:
+            # Undefined length: its items were read. Pixel data has checks of its own
+            # that say more (`_pixel_module`: its length, or whether it decodes).
+            end = None
+            continue
+        if tell + length > size:
+            return f"element {tag} needs {length} bytes at offset {tell}, but the file ends at {size}"
+        end = tell + length
+    if end is not None and end < size:
+        return f"the file ends inside an element header ({size - end} bytes after the last whole element)"
+    return ""
+
+
 def _explain_not_dicom(path: Path) -> str:
     with path.open("rb") as fh:
         head = fh.read(132)
@@ -223,9 +267,24 @@ def _pixel_module(ds: Dataset, transfer_syntax: str, path: Path, verify: bool) -
     frames = _int(ds, "NumberOfFrames", strict_tag="(0028,0008)")
     if frames is not None and frames <= 0:
         raise PixelDataError(f"NumberOfFrames (0028,0008) must be positive, got {frames}")
+    bits = values["BitsAllocated"]
+    if bits != 1 and bits % 8:
+        raise PixelDataError(f"BitsAllocated (0028,0100) must be 1 or a multiple of 8, got {bits}")
+    bits_stored = _int(ds, "BitsStored", strict_tag="(0028,0101)")
+    if bits_stored is not None and not 1 <= bits_stored <= bits:
+        raise PixelDataError(f"BitsStored (0028,0101) must be between 1 and BitsAllocated ({bits}), got {bits_stored}")
     photometric = _text(ds, "PhotometricInterpretation", 32).upper()
     if not photometric:
         raise PixelDataError("pixel data without PhotometricInterpretation (0028,0004)")
+    if photometric not in PHOTOMETRIC_INTERPRETATIONS:
+        raise PixelDataError(f"PhotometricInterpretation (0028,0004) {photometric[:32]!r} is not one DICOM defines")
+    for keyword, tag in (("RescaleSlope", "(0028,1053)"), ("RescaleIntercept", "(0028,1052)")):
+        text = _text(ds, keyword, 64)
+        try:
+            if text:
+                float(text.split("\\")[0])
+        except ValueError:
+            raise PixelDataError(f"{keyword} {tag} is not a number: {text[:32]!r}") from None
 
     ts = UID(transfer_syntax)
     if "PixelData" in ds:
@@ -252,7 +311,7 @@ def _pixel_module(ds: Dataset, transfer_syntax: str, path: Path, verify: bool) -
         "number_of_frames": frames or 1,
         "samples_per_pixel": values["SamplesPerPixel"],
         "bits_allocated": values["BitsAllocated"],
-        "bits_stored": _int(ds, "BitsStored") or values["BitsAllocated"],
+        "bits_stored": bits_stored or bits,
         "photometric_interpretation": photometric,
     }
 
@@ -327,11 +386,16 @@ def _int(ds: Dataset, keyword: str, strict_tag: str | None = None) -> int | None
     if isinstance(value, pydicom.multival.MultiValue):
         value = value[0] if value else None
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
         if strict_tag:
             raise InvalidDicom(f"{keyword} {strict_tag} is not a valid integer: {str(value)!r}") from None
         return None
+    if not -(2**31) <= number < 2**31:  # outside what IS (and a PostgreSQL integer) can hold
+        if strict_tag:
+            raise InvalidDicom(f"{keyword} {strict_tag} is out of range: {number}")
+        return None
+    return number
 
 
 def _date(ds: Dataset, keyword: str) -> dt.date | None:

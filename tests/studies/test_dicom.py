@@ -218,3 +218,94 @@ def test_a_dropped_spool_keeps_its_dataset_hash(dicom_files: Path, tmp_path: Pat
     assert not spooled.path.exists()
     assert spooled.dataset_sha256 == expected.dataset_sha256 != expected.sha256
     expected.discard()
+
+
+def _fresh_ct(dicom_files: Path, **changes) -> bytes:
+    """CT_small.dcm with a fresh SOPInstanceUID and header changes (keyword=value, or
+    keyword=(VR, value) to write a value its own VR would refuse)."""
+    import io
+
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import DataElement
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(dicom_files / TF / "CT_small.dcm")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword, value in changes.items():
+        if isinstance(value, tuple):
+            tag = tag_for_keyword(keyword)
+            ds[tag] = DataElement(tag, *value)
+        else:
+            setattr(ds, keyword, value)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("inside the SOPInstanceUID's value", "needs"),
+        ("inside the Pixel Data element's header", "the file ends inside an element header"),
+        ("two bytes into an element header", "the file ends inside an element header"),
+        ("inside the pixel data", "Pixel Data is"),
+    ],
+)
+def test_a_cut_file_is_refused_wherever_the_cut_falls(dicom_files: Path, tmp_path: Path, where, reason):
+    """pydicom reads a file cut short without a word: as a shorter file with a UID
+    missing its last digits, or a CT slice without pixels. Each must be refused."""
+    data = _fresh_ct(dicom_files)
+    ds = pydicom.dcmread(__import__("io").BytesIO(data), defer_size=64)
+    sop = ds.get_item("SOPInstanceUID")
+    pixels = ds.get_item("PixelData", keep_deferred=True)
+    # (SpecificCharacterSet is converted as it is read: no offsets; the 4th element is raw)
+    fourth = sorted(ds.keys())[3]
+    fourth_start = ds.get_item(fourth, keep_deferred=True).value_tell - 8  # explicit VR, short form
+    cut = {
+        "inside the SOPInstanceUID's value": sop.value_tell + sop.length - 3,
+        "inside the Pixel Data element's header": pixels.value_tell - 6,
+        "two bytes into an element header": fourth_start + 2,
+        "inside the pixel data": pixels.value_tell + 100,
+    }[where]
+    target = tmp_path / "cut.dcm"
+    target.write_bytes(data[:cut])
+    with pytest.raises((InvalidDicom, PixelDataError)) as caught:
+        dicom.read_header(target)
+    assert reason in str(caught.value)
+    if reason != "Pixel Data is":
+        assert str(caught.value).startswith("file is truncated: ")
+    dicom.read_header(_write(tmp_path / "whole.dcm", data))  # the whole file reads
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_a_number_outside_the_integer_range_is_dropped(dicom_files: Path, tmp_path: Path):
+    """IS values hold 32-bit integers; a larger SeriesNumber is not a reason to refuse
+    the image, and must not reach a PostgreSQL integer column."""
+    path = _write(tmp_path / "big.dcm", _fresh_ct(dicom_files, SeriesNumber="99999999999", InstanceNumber="7"))
+    _, header = dicom.read_header(path)
+    assert header.series_number is None and header.instance_number == 7
+    path = _write(tmp_path / "frames.dcm", _fresh_ct(dicom_files, NumberOfFrames="99999999999"))
+    with pytest.raises(InvalidDicom, match=r"NumberOfFrames \(0028,0008\) is out of range: 99999999999"):
+        dicom.read_header(path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"BitsAllocated": 12}, "BitsAllocated (0028,0100) must be 1 or a multiple of 8, got 12"),
+        ({"BitsStored": 32}, "BitsStored (0028,0101) must be between 1 and BitsAllocated (16), got 32"),
+        ({"PhotometricInterpretation": "MONOCHROME3"}, "PhotometricInterpretation (0028,0004) 'MONOCHROME3' is not"),
+        ({"RescaleSlope": ("LO", "zz")}, "RescaleSlope (0028,1053) is not a number: 'zz'"),
+    ],
+)
+def test_a_pixel_module_nothing_could_render_is_refused(dicom_files: Path, tmp_path: Path, changes, reason):
+    """Uncompressed pixel data of the right length, described by values no renderer
+    can use: refused at ingest, rather than stored and failing every preview."""
+    path = _write(tmp_path / "odd.dcm", _fresh_ct(dicom_files, **changes))
+    with pytest.raises(PixelDataError) as caught:
+        dicom.read_header(path)
+    assert reason in str(caught.value)

@@ -74,3 +74,26 @@ def test_parallel_jobs_store_the_same_and_close_their_connections(dicom_files: P
     assert "0 stored, 51 duplicate, 1 rejected" in again
     with pytest.raises(CommandError, match="--jobs must be at least 1"):
         run("--jobs", "0", str(folder))
+
+
+@pytest.mark.django_db(transaction=True)  # with --jobs 2 the threads commit on their own connections
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_an_unforeseen_error_on_one_file_does_not_stop_the_walk(dicom_files: Path, monkeypatch, jobs):
+    """A bug met on one file (here: made to happen on MR_small) is that file's rejection,
+    with the traceback in the log; the other files are still stored and the command
+    ends with its summary."""
+    from studies.management.commands import ingest
+
+    real = ingest.services.instance_ingest
+
+    def failing_on_mr(*, source, name):
+        if name.endswith("MR_small.dcm"):
+            raise RuntimeError("something nobody foresaw\nsecond line")
+        return real(source=source, name=name)
+
+    monkeypatch.setattr(ingest.services, "instance_ingest", failing_on_mr)
+    tf = dicom_files / "pydicom-test_files"
+    out = run("--jobs", jobs, str(tf / "MR_small.dcm"), str(tf / "CT_small.dcm"))
+    assert "1 stored, 0 duplicate, 1 rejected" in out
+    assert "MR_small.dcm: unexpected error, see the log: RuntimeError: something nobody foresaw\n" in out
+    assert Instance.objects.count() == 1

@@ -33,6 +33,7 @@ REJECTED = {
     "pydicom-data/bad_sequence.dcm": "is not a valid DICOM UID",
     "pydicom-data/emri_small_jpeg_2k_lossless_too_short.dcm": "file is truncated",
     "pydicom-test_files/MR_truncated.dcm": "Pixel Data is 8130 bytes, but",
+    "pydicom-test_files/rtplan_truncated.dcm": "file is truncated: element (300A,00B0) needs 976 bytes",
     "pydicom-test_files/badVR.dcm": "NumberOfFrames (0028,0008) is not a valid integer: '1A'",
     "pydicom-test_files/JPEG-lossy.dcm": "pixel data cannot be decoded (JPEG Extended",
     "pydicom-test_files/JPEG2000-embedded-sequence-delimiter.dcm": "pixel data cannot be decoded (JPEG 2000",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import Counter
@@ -15,6 +16,8 @@ from tqdm import tqdm
 from studies import dicom, services
 from studies.errors import IngestError
 from studies.services import IngestResult, Outcome
+
+log = logging.getLogger(__name__)
 
 # Files met while walking a folder that are documentation or images, not DICOM.
 NOT_DICOM_SUFFIXES = {".txt", ".md", ".csv", ".json", ".xml", ".html", ".pdf", ".png", ".jpg", ".jpeg", ".py"}
@@ -100,7 +103,18 @@ class Command(BaseCommand):
 
 
 def _ingest(item: Path | IngestResult) -> IngestResult:
-    return item if isinstance(item, IngestResult) else services.instance_ingest(source=item, name=str(item))
+    """One file's result. A file that trips an error the service did not foresee is
+    reported as rejected, with the traceback in the log, and the walk goes on: the
+    service leaves nothing half-written (row and file are stored together or not at all)."""
+    if isinstance(item, IngestResult):
+        return item
+    try:
+        return services.instance_ingest(source=item, name=str(item))
+    except Exception as exc:
+        log.exception("unexpected error ingesting %s", item)
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        reason = f"unexpected error, see the log: {type(exc).__name__}: {first_line}"
+        return IngestResult(name=str(item), outcome=Outcome.REJECTED, http_status=500, reason=reason)
 
 
 def _ingest_all(items: list[Path | IngestResult], *, jobs: int, progress: tqdm) -> list[IngestResult]:
@@ -108,7 +122,7 @@ def _ingest_all(items: list[Path | IngestResult], *, jobs: int, progress: tqdm) 
 
     Each thread takes the next file until none is left, on its own database connection,
     which it closes when it is done (the embedded PostgreSQL should not keep one per
-    thread after the command). An unexpected error in a thread stops the command.
+    thread after the command). Only an interrupt (Ctrl-C) in a thread stops the command.
     """
     if jobs == 1:
         results = []
