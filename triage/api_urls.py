@@ -8,9 +8,9 @@ app_name = "triage-api"
 
 urlpatterns = [
     path("worklist/", apis.WorklistApi.as_view(), name="worklist"),
-    path("studies/<str:study_instance_uid>/triage/", apis.StudyTriageApi.as_view(), name="study-triage"),
-    path("instances/<str:sop_instance_uid>/overlays/", apis.InstanceOverlaysApi.as_view(), name="instance-overlays"),
+    path("studies/<uid:study_instance_uid>/triage/", apis.StudyTriageApi.as_view(), name="study-triage"),
+    path("instances/<uid:sop_instance_uid>/overlays/", apis.InstanceOverlaysApi.as_view(), name="instance-overlays"),
     path(
-        "instances/<str:sop_instance_uid>/masks/<str:mask_id>.png", apis.InstanceMaskApi.as_view(), name="instance-mask"
+        "instances/<uid:sop_instance_uid>/masks/<str:mask_id>.png", apis.InstanceMaskApi.as_view(), name="instance-mask"
     ),
 ]

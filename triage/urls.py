@@ -12,6 +12,6 @@ urlpatterns = [
     path("calibration/<int:pk>/curves.png", views.calibration_curves, name="calibration-curves"),
     path("calibration/<int:pk>/sign-off/", views.calibration_sign_off, name="calibration-sign-off"),
     path("changes/", views.worklist_changes, name="changes"),
-    path("<str:study_instance_uid>/read/", views.mark_read, name="read"),
-    path("<str:study_instance_uid>/evidence/", views.evidence, name="evidence"),
+    path("<uid:study_instance_uid>/read/", views.mark_read, name="read"),
+    path("<uid:study_instance_uid>/evidence/", views.evidence, name="evidence"),
 ]

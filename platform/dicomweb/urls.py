@@ -5,11 +5,13 @@ UIDs in paths are digits and dots, so anything else is a 404 before a view runs.
 
 from django.urls import re_path
 
+from precedent.converters import UID_PATTERN
+
 from . import views
 
 app_name = "dicomweb"
 
-UID = r"[0-9]+(?:\.[0-9]+)*"
+UID = UID_PATTERN
 STUDY = rf"studies/(?P<study>{UID})"
 SERIES = rf"{STUDY}/series/(?P<series>{UID})"
 INSTANCE = rf"{SERIES}/instances/(?P<instance>{UID})"

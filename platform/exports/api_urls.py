@@ -8,5 +8,5 @@ app_name = "exports-api"
 
 urlpatterns = [
     path("exports/deid/", apis.DeidExportApi.as_view(), name="deid"),
-    path("instances/<str:sop_instance_uid>/ai-results/", apis.AiResultsApi.as_view(), name="ai-results"),
+    path("instances/<uid:sop_instance_uid>/ai-results/", apis.AiResultsApi.as_view(), name="ai-results"),
 ]

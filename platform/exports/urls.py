@@ -8,5 +8,5 @@ app_name = "exports"
 
 urlpatterns = [
     path("deid/", views.deid_export, name="deid"),
-    path("instances/<str:sop_instance_uid>/ai-results/", views.ai_results, name="ai-results"),
+    path("instances/<uid:sop_instance_uid>/ai-results/", views.ai_results, name="ai-results"),
 ]

@@ -57,10 +57,11 @@ def _one_line(detail: Any) -> str:
 
 
 def exception_handler(exc: Exception, context: dict) -> Response | None:
-    """DRF's handler, reshaped to {"error": "<one line>"}, plus "fields" for validation errors."""
+    """DRF's handler, reshaped to {"error": "<one line>"}, plus "fields" for validation
+    errors; Django's own request-parsing limits answer in the same shape."""
     response = drf_exception_handler(exc, context)
     if response is None:
-        return None
+        return _request_limit_response(exc)
     detail = response.data
     if isinstance(exc, exceptions.ValidationError):
         response.status_code = status.HTTP_400_BAD_REQUEST
@@ -72,6 +73,34 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
 
 def error_response(message: str, status_code: int, **extra: Any) -> Response:
     return Response({"error": message, **extra}, status=status_code)
+
+
+def _request_limit_response(exc: Exception) -> Response | None:
+    """Django refuses a request body past its limits while DRF parses it; without this
+    the client gets Django's HTML error page instead of a JSON reason."""
+    from django.conf import settings
+    from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
+
+    if isinstance(exc, TooManyFilesSent):
+        limit = settings.DATA_UPLOAD_MAX_NUMBER_FILES
+        return error_response(f"too many files in one request: send at most {limit} per request", 400)
+    if isinstance(exc, TooManyFieldsSent):
+        limit = settings.DATA_UPLOAD_MAX_NUMBER_FIELDS
+        return error_response(f"too many form fields in one request: at most {limit}", 400)
+    if isinstance(exc, RequestDataTooBig):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return error_response(f"request body over {limit:,} bytes (files go as multipart or application/dicom)", 413)
+    return None
+
+
+def not_found(request, exception=None):
+    """handler404: API and DICOMweb clients get a JSON reason, browsers the page."""
+    from django.http import JsonResponse
+    from django.views.defaults import page_not_found
+
+    if request.path.startswith(("/api/", "/dicomweb/")):
+        return JsonResponse({"error": f"not found: {request.path}"}, status=404)
+    return page_not_found(request, exception)
 
 
 # --- OpenAPI ---------------------------------------------------------------------------

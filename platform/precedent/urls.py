@@ -6,6 +6,7 @@ from django.templatetags.static import static
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from precedent import converters  # noqa: F401  (registers <uid:...> before the apps' URLs load)
 from precedent.api import login_not_required_view
 
 
@@ -14,6 +15,8 @@ def favicon(request):
     """Browsers ask for /favicon.ico on pages that name no icon (the admin, the API docs)."""
     return HttpResponsePermanentRedirect(static("img/favicon.svg"))
 
+
+handler404 = "precedent.api.not_found"
 
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),

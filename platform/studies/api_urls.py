@@ -8,12 +8,12 @@ app_name = "api"
 
 urlpatterns = [
     path("studies/", apis.StudyListApi.as_view(), name="study-list"),
-    path("studies/<str:study_instance_uid>/", apis.StudyDetailApi.as_view(), name="study-detail"),
+    path("studies/<uid:study_instance_uid>/", apis.StudyDetailApi.as_view(), name="study-detail"),
     path("instances/", apis.InstanceUploadApi.as_view(), name="instance-upload"),
-    path("instances/<str:sop_instance_uid>/", apis.InstanceDetailApi.as_view(), name="instance-detail"),
-    path("instances/<str:sop_instance_uid>/file", apis.InstanceFileApi.as_view(), name="instance-file"),
-    path("instances/<str:sop_instance_uid>/preview.png", apis.InstancePreviewApi.as_view(), name="instance-preview"),
+    path("instances/<uid:sop_instance_uid>/", apis.InstanceDetailApi.as_view(), name="instance-detail"),
+    path("instances/<uid:sop_instance_uid>/file", apis.InstanceFileApi.as_view(), name="instance-file"),
+    path("instances/<uid:sop_instance_uid>/preview.png", apis.InstancePreviewApi.as_view(), name="instance-preview"),
     path(
-        "instances/<str:sop_instance_uid>/thumbnail.png", apis.InstanceThumbnailApi.as_view(), name="instance-thumbnail"
+        "instances/<uid:sop_instance_uid>/thumbnail.png", apis.InstanceThumbnailApi.as_view(), name="instance-thumbnail"
     ),
 ]

@@ -8,9 +8,9 @@ app_name = "studies"
 
 urlpatterns = [
     path("", views.study_list, name="list"),
-    path("studies/<str:study_instance_uid>/", views.study_detail, name="detail"),
+    path("studies/<uid:study_instance_uid>/", views.study_detail, name="detail"),
     path(
-        "studies/<str:study_instance_uid>/instances/<str:sop_instance_uid>/viewer/",
+        "studies/<uid:study_instance_uid>/instances/<uid:sop_instance_uid>/viewer/",
         views.instance_viewer,
         name="viewer",
     ),

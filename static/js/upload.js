@@ -31,7 +31,8 @@
   let active = 0;
 
   function studyUrl(uid) {
-    return form.dataset.studyUrl.replace("STUDY_UID", encodeURIComponent(uid));
+    // The page renders the URL of study "0.0" (a UID in form): swap in the real one.
+    return form.dataset.studyUrl.replace("/0.0/", "/" + encodeURIComponent(uid) + "/");
   }
 
   // The cookie is current even if another tab logged in again since this page loaded.

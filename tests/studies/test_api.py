@@ -369,3 +369,45 @@ def test_each_study_keeps_the_patient_details_its_images_give(api, make_dicom):
     assert Patient.objects.filter(patient_id="P-7").count() == 1
     names = {s["patient"]["name"] for s in api.get("/api/v1/studies/?patient_id=P-7").json()["results"]}
     assert names == {"Maiden^Anna", "Married^Anna"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/instances/%00/",
+        "/api/v1/instances/1.2.3%00/preview.png",
+        "/api/v1/studies/%00/",
+        "/api/v1/studies/1.2'3/triage/",
+        "/api/v1/instances/abc/overlays/",
+        "/dicomweb/studies/%00/metadata",
+    ],
+)
+def test_a_path_that_is_no_uid_is_a_json_404(api, path):
+    """A UID in a path is digits and dots; anything else (a NUL byte would reach
+    PostgreSQL as an error) is a 404 before a view runs, in JSON for API clients."""
+    response = api.get(path)
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/json" and response.json()["error"].startswith("not found: ")
+
+
+def test_a_page_path_that_is_no_uid_is_404(browser_client):
+    assert browser_client.get("/studies/%00/").status_code == 404
+
+
+def test_too_many_files_in_one_request_is_a_json_400(api, dicom_files, settings):
+    settings.DATA_UPLOAD_MAX_NUMBER_FILES = 3
+    from django.test.client import encode_multipart
+
+    data = (dicom_files / CT).read_bytes()
+
+    body = encode_multipart("BOUNDARY", {"file": [_named(f"f{n}.dcm", data) for n in range(4)]})
+    response = api.generic("POST", "/api/v1/instances/", body, content_type="multipart/form-data; boundary=BOUNDARY")
+    assert response.status_code == 400
+    assert response.json()["error"] == "too many files in one request: send at most 3 per request"
+    assert not Instance.objects.exists()
+
+
+def _named(name: str, data: bytes):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    return SimpleUploadedFile(name, data, content_type="application/dicom")

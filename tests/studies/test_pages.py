@@ -378,7 +378,7 @@ def test_upload_page_points_the_script_at_the_api(browser_client, settings):
     html = response.content.decode()
     assert f'data-endpoint="{reverse("api:instance-upload")}"' in html
     assert 'data-max-bytes="5242880"' in html
-    assert f'data-study-url="{reverse("studies:detail", args=["STUDY_UID"])}"' in html
+    assert f'data-study-url="{reverse("studies:detail", args=["0.0"])}"' in html
     assert "webkitdirectory" in html and "csrfmiddlewaretoken" in html and "js/upload.js" in html
 
 
