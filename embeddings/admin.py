@@ -8,6 +8,14 @@ class EncoderVersionAdmin(admin.ModelAdmin):
     list_display = ["name", "status", "architecture", "dim", "input_size", "created_at", "activated_at"]
     list_filter = ["status", "architecture"]
     readonly_fields = ["weights_path", "weights_sha256", "metadata", "status", "activated_at"]
+    serving = (EncoderVersion.Status.ACTIVE, EncoderVersion.Status.ACTIVATING)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # Search serves the active version (and will serve one being activated):
+        # activate another first, which retires this one.
+        if obj is not None and obj.status in self.serving:
+            return False
+        return super().has_delete_permission(request, obj)
 
 
 @admin.register(Embedding)

@@ -43,7 +43,12 @@ class SearchInput(serializers.Serializer):
     date_from = serializers.DateField(required=False)
     date_to = serializers.DateField(required=False)
     cohort = serializers.CharField(required=False, allow_blank=True, max_length=100)
-    exclude_same_patient = serializers.BooleanField(required=False, default=True)
+    exclude_same_patient = serializers.BooleanField(
+        required=False,
+        default=True,
+        help_text="Leave out the query patient's images: a stored query's patient, or an uploaded DICOM's "
+        "PatientID and issuer.",
+    )
 
     def validate(self, attrs):
         given = [name for name in ("sop_instance_uid", "file", "vector") if attrs.get(name)]
@@ -84,7 +89,12 @@ class _SearchOptions(serializers.Serializer):
     date_from = serializers.DateField(required=False)
     date_to = serializers.DateField(required=False)
     cohort = serializers.CharField(required=False, allow_blank=True, max_length=100)
-    exclude_same_patient = serializers.BooleanField(required=False, default=True)
+    exclude_same_patient = serializers.BooleanField(
+        required=False,
+        default=True,
+        help_text="Leave out the query patient's images: a stored query's patient, or an uploaded DICOM's "
+        "PatientID and issuer.",
+    )
 
 
 _BOX_HELP = "A region [x0, y0, x1, y1] in image pixels (top-left origin) to search with, instead of the whole image."
@@ -212,7 +222,9 @@ def run_search(data: SearchInput) -> selectors.SearchResults:
         return selectors.similar_cases(vector=np.asarray(params["vector"], dtype=np.float32), **common)
     if params.get("file") is not None:
         picture = services.picture_from_upload(params["file"])
-        return selectors.similar_cases(image=picture.pixels, monochrome1=picture.monochrome1, **common)
+        return selectors.similar_cases(
+            image=picture.pixels, monochrome1=picture.monochrome1, patient=picture.patient, **common
+        )
     instance = Instance.objects.select_related("series__study").get(sop_instance_uid=params["sop_instance_uid"])
     return selectors.similar_cases(instance=instance, **common)
 

@@ -112,7 +112,7 @@ def ids_checksum(ids: Iterable[int] | np.ndarray) -> str:
     return hashlib.sha256(np.sort(arr).tobytes()).hexdigest()
 
 
-def _file_sha256(path: Path, chunk: int = 8 << 20) -> str:
+def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -684,9 +684,22 @@ class VectorIndex:
         """The type of the index serving now ("flat", "hnsw" or "ivf")."""
         return self._store.index_type
 
+    def wanted_type(self) -> IndexType:
+        """The type the settings ask for at the current size (`index_type`, or for
+        "auto" the threshold and whether a GPU serves). A loaded index keeps the type it
+        was saved with until `compact` rebuilds it."""
+        return self._resolve_type(len(self))
+
     @property
     def tombstones(self) -> int:
         return self._store.n_dead
+
+    def present(self, ids: Any) -> np.ndarray:
+        """The ids among `ids` that are live here, sorted (a vectorised `in`)."""
+        ids = np.unique(self._ids(ids))
+        with self._lock.read():
+            store = self._store
+            return np.sort(store.labels[store.positions(ids)])
 
     def ids(self) -> np.ndarray:
         """Sorted ids of the live entries."""
@@ -1102,7 +1115,7 @@ class VectorIndex:
                 index_type=store.index_type,
                 params=self.params(),
                 ids_sha256=ids_checksum(store.live_ids()),
-                index_sha256=_file_sha256(directory / INDEX_FILE),
+                index_sha256=file_sha256(directory / INDEX_FILE),
                 created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             )
             text = manifest.to_json()
@@ -1143,7 +1156,7 @@ class VectorIndex:
         index_path = directory / INDEX_FILE
         if not index_path.is_file():
             raise IndexFileError(f"index file missing: {index_path}")
-        if verify and _file_sha256(index_path) != manifest.index_sha256:
+        if verify and file_sha256(index_path) != manifest.index_sha256:
             raise IndexFileError(f"index file {index_path} does not match its manifest (corrupt or partly written)")
         try:
             raw = faiss.read_index(str(index_path))

@@ -111,7 +111,10 @@ class EmbeddingTombstone(models.Model):
     """
 
     embedding_id = models.BigIntegerField()
-    encoder = models.ForeignKey(EncoderVersion, on_delete=models.CASCADE, related_name="+")
+    # No database constraint: deleting an encoder deletes its embeddings first, and each
+    # of those deletions records a tombstone pointing at the encoder about to go; the
+    # encoder's post_delete receiver then removes its tombstones (receivers.py).
+    encoder = models.ForeignKey(EncoderVersion, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+")
     kind = models.CharField(max_length=8, choices=Embedding.Kind.choices)
     created_at = models.DateTimeField(auto_now_add=True)
 

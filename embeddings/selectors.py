@@ -129,6 +129,7 @@ def similar_cases(
     image: np.ndarray | None = None,
     vector: np.ndarray | None = None,
     monochrome1: bool = False,
+    patient: tuple[str, str] | None = None,
     k: int = 10,
     filters: SearchFilters | None = None,
     kind: str | None = None,
@@ -140,8 +141,9 @@ def similar_cases(
     with a decoded `image` (an upload), or with a `vector` the caller embedded with
     the same encoder. `kind` chooses what to search: whole images or finding regions
     (default: regions for a box, images otherwise). `encoder` defaults to the active
-    version. Filters restrict the candidates; the query's own patient is left out
-    unless asked. Never fewer than k results when k candidates pass the filters.
+    version. Filters restrict the candidates; the query's own patient (a stored
+    query's, or an uploaded DICOM's `patient`: PatientID and issuer) is left out unless
+    asked. Never fewer than k results when k candidates pass the filters.
     """
     filters = filters or SearchFilters()
     if not 1 <= k <= MAX_K:
@@ -177,9 +179,18 @@ def similar_cases(
     if filters.narrows():
         allowed = np.fromiter(filters.apply(candidates).values_list("id", flat=True), dtype=np.int64)
     if filters.exclude_same_patient and instance is not None:
-        patient = instance.series.study.patient_id
         exclude = np.fromiter(
-            candidates.filter(instance__series__study__patient_id=patient).values_list("id", flat=True),
+            candidates.filter(instance__series__study__patient_id=instance.series.study.patient_id).values_list(
+                "id", flat=True
+            ),
+            dtype=np.int64,
+        )
+    elif filters.exclude_same_patient and patient is not None:
+        exclude = np.fromiter(
+            candidates.filter(
+                instance__series__study__patient__patient_id=patient[0],
+                instance__series__study__patient__issuer_of_patient_id=patient[1],
+            ).values_list("id", flat=True),
             dtype=np.int64,
         )
     elif instance is not None and box is None:
@@ -187,8 +198,15 @@ def similar_cases(
         exclude = np.fromiter(candidates.filter(instance=instance).values_list("id", flat=True), dtype=np.int64)
     if allowed is not None and len(allowed) == 0:
         return SearchResults("ok", "no images pass the filters", **base)
-    scores, ids = index.search(vector, k, allowed_ids=allowed, exclude_ids=exclude)
-    return SearchResults("ok", "", hits=_hits(scores[0], ids[0]), **base)
+    for _attempt in range(3):
+        scores, ids = index.search(vector, k, allowed_ids=allowed, exclude_ids=exclude)
+        hits, gone = _hits(scores[0], ids[0])
+        if not gone:
+            break
+        # Deleted since this process's index last caught up (ids are never reused):
+        # drop them here and now, and ask again so that k results still come back.
+        index.remove(gone)
+    return SearchResults("ok", "", hits=hits, **base)
 
 
 def _checked_box(box, instance: Instance | None, image: np.ndarray | None) -> tuple[float, float, float, float]:
@@ -251,20 +269,20 @@ def _hits_sql() -> str:
     """
 
 
-def _hits(scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
-    """The hits' images, studies and findings in one statement. Raw SQL: through the
-    ORM the same reads cost 4.4 ms a search on these CPUs, ten times the FAISS search."""
+def _hits(scores: np.ndarray, ids: np.ndarray) -> tuple[list[Hit], list[int]]:
+    """The hits' images, studies and findings in one statement, and the ids whose rows
+    are gone (deleted since the index last caught up). Raw SQL: through the ORM the
+    same reads cost 4.4 ms a search on these CPUs, ten times the FAISS search."""
     found = [(float(s), int(i)) for s, i in zip(scores, ids, strict=True) if i >= 0]
     if not found:
-        return []
+        return [], []
     with connection.cursor() as cursor:
         cursor.execute(_hits_sql(), [[i for _, i in found]])
         rows = {row[0]: row for row in cursor.fetchall()}
+    gone = [embedding_id for _, embedding_id in found if embedding_id not in rows]
     hits = []
-    for rank, (score, embedding_id) in enumerate(found, start=1):
-        row = rows.get(embedding_id)
-        if row is None:  # deleted since the index last caught up
-            continue
+    for rank, (score, embedding_id) in enumerate(((s, i) for s, i in found if i in rows), start=1):
+        row = rows[embedding_id]
         (_, kind, x0, y0, x1, y1, sop, laterality, view, n_rows, n_columns, series_uid, modality, study_uid,
          study_date, patient_id, pathology, abnormality_class, findings) = row  # fmt: skip
         hits.append(
@@ -288,7 +306,7 @@ def _hits(scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
                 findings=findings,
             )
         )
-    return hits
+    return hits, gone
 
 
 LABELS = ("abnormal", "pathology", "abnormality_class")

@@ -172,6 +172,20 @@ def finish_activation(*, encoder_id: int) -> None:
     log.info("encoder %s is now active", encoder.name)
 
 
+def encoder_files_remove(encoder: EncoderVersion) -> None:
+    """After an encoder version is deleted: its weights file (unless another version
+    uses the same file), its saved indexes and what this process holds of it."""
+    weights = Path(settings.PRECEDENT_HOME) / encoder.weights_path
+    if encoder.weights_path and not EncoderVersion.objects.filter(weights_path=encoder.weights_path).exists():
+        weights.unlink(missing_ok=True)
+    shutil.rmtree(Path(settings.PRECEDENT_HOME) / "index" / encoder.name, ignore_errors=True)
+    with _served_lock:
+        for key in [key for key in _served if key[0] == encoder.pk]:
+            del _served[key]
+    _forget_active()
+    _loaded.cache_clear()
+
+
 def embedding_encoders() -> list[EncoderVersion]:
     """The versions new images are embedded with: the active one and any activating."""
     return list(
@@ -202,6 +216,9 @@ class Picture:
     instance_id: int
     pixels: np.ndarray
     monochrome1: bool
+    # An uploaded DICOM's patient (PatientID, IssuerOfPatientID), so that a search can
+    # leave out that patient's own images as it does for a stored query.
+    patient: tuple[str, str] | None = None
 
 
 def instance_picture(instance: Instance, frame: int = 1) -> Picture:
@@ -213,8 +230,8 @@ def instance_picture(instance: Instance, frame: int = 1) -> Picture:
 
 
 def picture_from_upload(upload) -> Picture:
-    """An uploaded query image: DICOM (any transfer syntax we ingest), PNG or JPEG.
-    Raises SearchError with the reason when it cannot be decoded."""
+    """An uploaded query image: DICOM (any transfer syntax we ingest, UIDs not needed),
+    PNG or JPEG. Raises SearchError with the reason when it cannot be decoded."""
     from PIL import Image, UnidentifiedImageError
 
     from studies.errors import IngestError
@@ -231,20 +248,26 @@ def picture_from_upload(upload) -> Picture:
             head = fh.read(132)
         if head[128:132] == b"DICM":
             try:
-                _, header = dicom.read_header(spooled.path)
+                _, header = dicom.read_header(spooled.path, require_uids=False)
                 if not header.has_pixel_data:
                     raise SearchError("the DICOM file has no pixel data")
                 ds = dicom.read_dataset(spooled.path, stop_before_pixels=True)
                 pixels = dicom.decode_frame(spooled.path, ds, (header.number_of_frames + 1) // 2)
             except (IngestError, RenderError) as exc:
                 raise SearchError(f"cannot use this DICOM file: {exc}") from None
-            return Picture(0, pixels, header.photometric_interpretation == "MONOCHROME1")
+            patient = (header.patient_id, header.issuer_of_patient_id) if header.patient_id else None
+            return Picture(0, pixels, header.photometric_interpretation == "MONOCHROME1", patient)
         try:
             with Image.open(spooled.path) as picture:
                 if picture.format not in ("PNG", "JPEG"):
                     raise SearchError(f"upload a DICOM, PNG or JPEG image, not {picture.format}")
+                width, height = picture.size
+                if width * height > Image.MAX_IMAGE_PIXELS:
+                    raise SearchError(
+                        f"the image is {width}×{height} pixels: at most {Image.MAX_IMAGE_PIXELS:,} pixels are accepted"
+                    )
                 pixels = np.asarray(picture.convert("RGB" if picture.mode in ("RGB", "RGBA", "P") else "F"))
-        except (UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
             raise SearchError("cannot decode the upload: send a DICOM, PNG or JPEG image") from None
         return Picture(0, pixels, False)
     finally:
@@ -334,8 +357,12 @@ def embed_pending(
     instances=None,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    replace: bool = False,
 ) -> EmbedReport:
-    """Embed every pending instance (see `pending_instances`) in batches.
+    """Embed every pending instance (see `pending_instances`) in batches; with
+    `replace`, every image (of `instances`, default all) again, each batch's new
+    vectors replacing its old ones in one transaction, so that search keeps serving
+    the old vectors until then (and an interrupted run leaves no image unembedded).
 
     Decoding a DICOM frame can cost as much as the CNN (a JPEG 2000 film: 0.5 s), so
     the next batch is decoded in a thread while the model runs on this one.
@@ -343,18 +370,26 @@ def embed_pending(
     model, meta = loaded_encoder(encoder)
     device = enc.pick_device()
     report = EmbedReport(encoder=encoder.name)
-    todo = list(pending_instances(encoder, instances).prefetch_related("findings"))
+    if replace:
+        qs = (Instance.objects.images() if instances is None else instances.images()).order_by("pk")
+    else:
+        qs = pending_instances(encoder, instances)
+    todo = list(qs.prefetch_related("findings"))
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     done = 0
+
+    def decode(batch):
+        return _decode_batch(batch, meta.preprocessing, encoder, report, replace=replace)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        future = pool.submit(_decode_batch, batches[0], meta.preprocessing, encoder, report) if batches else None
+        future = pool.submit(decode, batches[0]) if batches else None
         for i, _batch in enumerate(batches):
             items = future.result()
             if i + 1 < len(batches):
-                future = pool.submit(_decode_batch, batches[i + 1], meta.preprocessing, encoder, report)
+                future = pool.submit(decode, batches[i + 1])
             if items:
                 vectors = embed_items(model, meta.preprocessing, items, device)
-                _store_vectors(encoder, items, vectors, report)
+                _store_vectors(encoder, items, vectors, report, replace=replace)
             done += len(_batch)
             if progress:
                 progress(done, len(todo))
@@ -386,18 +421,29 @@ class _Pending:
 
 
 def _decode_batch(
-    batch: Sequence[Instance], prep: enc.Preprocessing, encoder: EncoderVersion, report: EmbedReport
+    batch: Sequence[Instance],
+    prep: enc.Preprocessing,
+    encoder: EncoderVersion,
+    report: EmbedReport,
+    *,
+    replace: bool = False,
 ) -> list[tuple[_Pending, object]]:
-    """Decode and preprocess one batch (in the decode thread, on its own connection)."""
+    """Decode and preprocess one batch (in the decode thread, on its own connection):
+    what is not embedded yet, or with `replace` everything."""
     try:
-        have_image = set(
-            Embedding.objects.filter(encoder=encoder, kind=Kind.IMAGE, instance__in=batch).values_list(
-                "instance_id", flat=True
+        have_image: set[int] = set()
+        have_region: set[int] = set()
+        if not replace:
+            have_image = set(
+                Embedding.objects.filter(encoder=encoder, kind=Kind.IMAGE, instance__in=batch).values_list(
+                    "instance_id", flat=True
+                )
             )
-        )
-        have_region = set(
-            Embedding.objects.filter(encoder=encoder, finding__instance__in=batch).values_list("finding_id", flat=True)
-        )
+            have_region = set(
+                Embedding.objects.filter(encoder=encoder, finding__instance__in=batch).values_list(
+                    "finding_id", flat=True
+                )
+            )
         items: list[tuple[_Pending, object]] = []
         for instance in batch:
             frame = representative_frame(instance)
@@ -420,7 +466,9 @@ def _decode_batch(
         connection.close()  # this thread's own connection
 
 
-def _store_vectors(encoder: EncoderVersion, items, vectors: np.ndarray, report: EmbedReport) -> None:
+def _store_vectors(
+    encoder: EncoderVersion, items, vectors: np.ndarray, report: EmbedReport, *, replace: bool = False
+) -> None:
     rows = []
     for (pending, _), vector in zip(items, vectors, strict=True):
         box = pending.box or (None, None, None, None)
@@ -438,9 +486,12 @@ def _store_vectors(encoder: EncoderVersion, items, vectors: np.ndarray, report: 
                 vector=np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
             )
         )
-    # Another worker may have embedded the same instance meanwhile: the unique
-    # constraints keep one row, and the loser's vectors are dropped.
-    Embedding.objects.bulk_create(rows, ignore_conflicts=True)
+    with transaction.atomic():
+        if replace:  # each old row leaves a tombstone (receivers.tombstone)
+            Embedding.objects.filter(encoder=encoder, instance_id__in={p.instance_id for p, _ in items}).delete()
+        # Another worker may have embedded the same instance meanwhile: the unique
+        # constraints keep one row, and the loser's vectors are dropped.
+        Embedding.objects.bulk_create(rows, ignore_conflicts=True)
     report.regions += sum(1 for r in rows if r.kind == Kind.REGION)
     report.images += sum(1 for r in rows if r.kind == Kind.IMAGE)
 
@@ -461,13 +512,16 @@ class _Served:
     last_tombstone_id: int
     lock: threading.Lock = field(default_factory=threading.Lock)
     checked_at: float = 0.0  # time.monotonic() of the last catch-up
+    recheck_until: float = 0.0  # re-read the windows until then (see _catch_up)
 
 
 _served: dict[tuple[int, str], _Served] = {}
 _served_lock = threading.Lock()
-# Embeddings committed out of id order (two workers) are caught by re-reading this
-# many ids below the last one seen.
+# Rows committed out of id order (two workers embedding, two deletions) are caught by
+# re-reading this many ids below the last one seen, at every catch-up for a while
+# after the newest id last moved: a straggler's commit does not move it.
 _CATCH_UP_WINDOW = 1000
+_RECHECK_SECONDS = 60.0
 
 
 def index_dir(encoder: EncoderVersion, kind: str) -> Path:
@@ -533,6 +587,7 @@ def _load_checked(encoder: EncoderVersion, kind: str) -> tuple[vector_index.Vect
         if directory.exists():
             log.warning("rebuilding the %s %s index: %s", encoder.name, kind, exc)
         return index_build(encoder, kind), True
+    changed = False
     db_ids = np.fromiter(_embeddings(encoder, kind).values_list("id", flat=True), dtype=np.int64)
     if vector_index.ids_checksum(db_ids) != manifest.ids_sha256:
         have = index.ids()
@@ -542,8 +597,14 @@ def _load_checked(encoder: EncoderVersion, kind: str) -> tuple[vector_index.Vect
         for rows in _chunks(_embeddings(encoder, kind).filter(id__in=missing.tolist())):
             index.add(*_vectors(rows, encoder.dim))
         log.info("index %s/%s was stale: %d added, %d removed", encoder.name, kind, len(missing), len(extra))
-        return index, True
-    return index, False
+        changed = True
+    if index.index_type != index.wanted_type():
+        # PRECEDENT_INDEX_TYPE (or the size, or a GPU) asks for another type than was saved.
+        log.info("rebuilding the %s %s index as %s (saved as %s)", encoder.name, kind, index.wanted_type(),
+                 index.index_type)  # fmt: skip
+        index.compact()
+        changed = True
+    return index, changed
 
 
 def index_status(encoder: EncoderVersion, kind: str) -> dict[str, Any]:
@@ -557,11 +618,15 @@ def index_status(encoder: EncoderVersion, kind: str) -> dict[str, Any]:
     except vector_index.IndexFileError as exc:
         status["saved"] = {"error": str(exc)}
     else:
+        index_file = index_dir(encoder, kind) / vector_index.INDEX_FILE
+        intact = index_file.is_file() and vector_index.file_sha256(index_file) == manifest.index_sha256
         status["saved"] = {
             "count": manifest.count,
             "index_type": manifest.index_type,
             "created_at": manifest.created_at,
-            "matches_database": manifest.encoder_version == encoder.name
+            "file_intact": intact,  # the index file is the one the manifest describes
+            "matches_database": intact
+            and manifest.encoder_version == encoder.name
             and manifest.ids_sha256 == vector_index.ids_checksum(db_ids),
         }
     index = serving_index(encoder, kind)
@@ -610,6 +675,12 @@ def _catch_up(encoder: EncoderVersion, kind: str, served: _Served, *, force: boo
 
     Searches check at most every PRECEDENT_INDEX_SYNC_SECONDS (a new study becomes
     searchable in other processes within that time); writers in this process force it.
+    Ids come from sequences, but transactions commit in any order: a row with an id
+    below the newest one seen can appear later. So for _RECHECK_SECONDS after the
+    newest ids move, each catch-up re-reads the last _CATCH_UP_WINDOW ids of both
+    tables (index-only scans) and applies what the index lacks. A transaction open
+    longer than that which commits out of order is caught when the index is next
+    loaded (`_load_checked` compares every id).
     """
     now = time.monotonic()
     if not force and now - served.checked_at < settings.PRECEDENT_INDEX_SYNC_SECONDS:
@@ -617,18 +688,28 @@ def _catch_up(encoder: EncoderVersion, kind: str, served: _Served, *, force: boo
     with served.lock:
         served.checked_at = now
         last_embedding, last_tombstone = _marks(encoder, kind)
-        if last_embedding > served.last_embedding_id:
-            window = _embeddings(encoder, kind).filter(id__gt=served.last_embedding_id - _CATCH_UP_WINDOW)
-            missing = [i for i in window.values_list("id", flat=True) if i not in served.index]
-            for rows in _chunks(_embeddings(encoder, kind).filter(id__in=missing)):
-                served.index.add(*_vectors(rows, encoder.dim))
-            served.last_embedding_id = last_embedding
-        if last_tombstone > served.last_tombstone_id:
-            gone = EmbeddingTombstone.objects.filter(
-                encoder=encoder, kind=kind, id__gt=served.last_tombstone_id
-            ).values_list("embedding_id", flat=True)
-            served.index.remove(np.fromiter(gone, dtype=np.int64))
-            served.last_tombstone_id = last_tombstone
+        if last_embedding > served.last_embedding_id or last_tombstone > served.last_tombstone_id:
+            served.recheck_until = now + _RECHECK_SECONDS
+        elif now >= served.recheck_until:
+            return
+        window = np.fromiter(
+            _embeddings(encoder, kind)
+            .filter(id__gt=served.last_embedding_id - _CATCH_UP_WINDOW)
+            .values_list("id", flat=True),
+            dtype=np.int64,
+        )
+        missing = np.setdiff1d(window, served.index.present(window))
+        for rows in _chunks(_embeddings(encoder, kind).filter(id__in=missing.tolist())):
+            served.index.add(*_vectors(rows, encoder.dim))
+        gone = np.fromiter(
+            EmbeddingTombstone.objects.filter(
+                encoder=encoder, kind=kind, id__gt=served.last_tombstone_id - _CATCH_UP_WINDOW
+            ).values_list("embedding_id", flat=True),
+            dtype=np.int64,
+        )
+        served.index.remove(served.index.present(gone))
+        served.last_embedding_id = max(served.last_embedding_id, last_embedding)
+        served.last_tombstone_id = max(served.last_tombstone_id, last_tombstone)
 
 
 def _catch_up_if_served(encoder: EncoderVersion, kind: str) -> None:

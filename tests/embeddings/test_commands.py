@@ -173,3 +173,34 @@ def test_encoder_index_reports_database_files_and_serving_index(cohort, tmp_path
     assert image["embeddings"] == 15 and image["saved"]["matches_database"] is False
     assert image["serving"]["count"] == 15 and image["serving"]["gpu_setting"] == "off"
     assert "(faiss sees no GPU)" not in run("encoder", "index")
+
+    # A damaged index file under a manifest that still matches: said, and rebuilt.
+    services.forget_indexes()
+    (services.index_dir(version, "region") / "index.faiss").write_bytes(b"damaged")
+    region = json.loads(run("encoder", "index", "--json"))["indexes"][1]
+    assert region["saved"]["file_intact"] is False and region["saved"]["matches_database"] is False
+    assert region["serving"]["count"] == counts["region"]
+    services.forget_indexes()
+    (services.index_dir(version, "region") / "index.faiss").write_bytes(b"damaged")
+    assert "index file damaged or missing: rebuilt on load" in run("encoder", "index")
+
+
+def test_bench_search_runs_and_leaves_nothing(tmp_path):
+    """The benchmark as the README gives it (small, without pgvector: DATABASE_URL may
+    name a server without the extension): the service and API rows come back with their
+    recall, and the run's encoder, embeddings, fillers and user are gone afterwards."""
+    from django.contrib.auth import get_user_model
+
+    from studies.models import Patient
+
+    target = tmp_path / "search.json"
+    out = run("bench_search", "--n", "1000", "--dim", "16", "--queries", "20", "--single", "10", "--no-pgvector",
+              "--json", str(target))  # fmt: skip
+    figures = json.loads(target.read_text())
+    rows = {row["engine"]: row for row in figures["extra_rows"]}
+    assert set(rows) == {"service", "api"}
+    assert rows["service"]["recall"] == pytest.approx(1.0) and rows["api"]["recall"] == pytest.approx(1.0)
+    assert rows["api"]["p50_ms"] > 0 and "POST /api/v1/search/" in out
+    assert not EncoderVersion.objects.exists() and not Embedding.objects.exists()
+    assert not Patient.objects.filter(patient_id__startswith="PRECEDENT-BENCH-").exists()
+    assert not get_user_model().objects.filter(username="bench-search").exists()

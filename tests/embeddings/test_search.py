@@ -274,3 +274,179 @@ def test_index_gpu_setting_reaches_the_index(settings, active, caplog, setting):
     warned = [r for r in caplog.records if "use_gpu requested" in r.getMessage()]
     assert len(warned) == (2 if setting == "on" else 0)
     assert built.use_gpu is False and len(built) == Embedding.objects.filter(encoder=active, kind="image").count()
+
+
+# --- deletions, out-of-order commits and re-embedding while search serves ----------------
+
+
+def _top_hit(query: Instance, k: int = 5) -> selectors.SearchResults:
+    return selectors.similar_cases(instance=query, k=k)
+
+
+def test_hits_deleted_before_the_index_caught_up_are_replaced(settings, active, archive):
+    """A deletion in any process, before this one's next catch-up: the search still
+    gives k results, ranked 1..k, none of them the deleted image."""
+    settings.PRECEDENT_INDEX_SYNC_SECONDS = 3600  # this process will not catch up by itself
+    query = archive.first()
+    first = _top_hit(query)
+    gone_uid = first.hits[0].sop_instance_uid
+    Instance.objects.get(sop_instance_uid=gone_uid).delete()
+    again = _top_hit(query)
+    assert [h.rank for h in again.hits] == [1, 2, 3, 4, 5]
+    assert gone_uid not in {h.sop_instance_uid for h in again.hits}
+    assert [h.sop_instance_uid for h in again.hits[:4]] == [h.sop_instance_uid for h in first.hits[1:]]
+
+
+def test_rows_committed_out_of_id_order_are_caught_up(active, archive):
+    """Two transactions: the one with the higher ids commits first and is seen; the
+    other commits afterwards with lower ids. Neither the newest embedding id nor the
+    newest tombstone id moves, and the index must still take both in."""
+    index = services.serving_index(active, "image")
+    rows = list(Embedding.objects.filter(encoder=active, kind="image").order_by("pk"))
+    first, late = rows[0], rows[1]
+    first_pk = first.pk
+    first.delete()  # tombstone X, seen by the next search
+    _top_hit(archive.last())
+    newest = EmbeddingTombstone.objects.order_by("-pk").first().pk
+    assert first_pk not in index and not EmbeddingTombstone.objects.filter(pk=newest - 1).exists()
+
+    # The late deletion: its row goes and its tombstone gets the lower id X-1.
+    Embedding.objects.filter(pk=late.pk)._raw_delete(Embedding.objects.db)
+    EmbeddingTombstone.objects.create(pk=newest - 1, embedding_id=late.pk, encoder=active, kind="image")
+    # The late insert: an embedding row with an id below the newest one seen.
+    newest_embedding = Embedding.objects.order_by("-pk").first().pk
+    used = {first_pk, late.pk}  # ids are never reused
+    free = next(
+        i for i in range(newest_embedding - 1, 0, -1) if i not in used and not Embedding.objects.filter(pk=i).exists()
+    )
+    Embedding.objects.create(pk=free, instance=rows[2].instance, encoder=active, kind="image", frame=2,
+                             vector=rows[2].vector)  # fmt: skip
+
+    _top_hit(archive.last())  # the next catch-up
+    assert late.pk not in index and free in index
+    assert len(index) == Embedding.objects.filter(encoder=active, kind="image").count()
+
+
+def test_embed_all_replaces_vectors_batch_by_batch(active, archive):
+    """`embed --all` never leaves an image without a vector: each batch's new rows
+    replace its old ones in one transaction, and every old row leaves a tombstone."""
+    old = set(Embedding.objects.filter(encoder=active).values_list("pk", flat=True))
+    seen = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, Embedding.objects.filter(encoder=active, kind="image").count()))
+
+    report = services.embed_pending(encoder=active, batch_size=5, progress=progress, replace=True)
+    assert report.images == 12 and report.regions == Finding.objects.filter(x0__isnull=False).count()
+    assert seen == [(5, 12), (10, 12), (12, 12)]
+    new = set(Embedding.objects.filter(encoder=active).values_list("pk", flat=True))
+    assert len(new) == len(old) and not new & old
+    assert set(EmbeddingTombstone.objects.filter(encoder=active).values_list("embedding_id", flat=True)) == old
+    index = services.serving_index(active, "image")
+    rows = Embedding.objects.filter(encoder=active, kind="image").values_list("pk", flat=True)
+    assert set(index.ids().tolist()) == set(rows)
+
+
+def test_index_type_setting_applies_to_a_saved_index(settings, active, archive):
+    services.serving_index(active, "image", save=True)  # 12 vectors: exact
+    assert services.serving_index(active, "image").index_type == "flat"
+    settings.PRECEDENT_INDEX_TYPE = "hnsw"
+    services.forget_indexes()
+    index = services.serving_index(active, "image")
+    assert index.index_type == "hnsw" and len(index) == 12
+    assert services.index_status(active, "image")["saved"]["index_type"] == "hnsw"  # saved as rebuilt
+    settings.PRECEDENT_INDEX_TYPE = "auto"
+    services.forget_indexes()
+    assert services.serving_index(active, "image").index_type == "flat"  # 12 is under the threshold
+
+
+def test_clearing_a_finding_box_removes_its_lesion(active, archive):
+    finding = Finding.objects.filter(instance__in=archive, x0__isnull=False).first()
+    region = Embedding.objects.get(finding=finding, encoder=active)
+    index = services.serving_index(active, "region")
+    assert region.pk in index
+    finding.x0 = finding.y0 = finding.x1 = finding.y1 = None
+    finding.save()
+    assert not Embedding.objects.filter(finding=finding).exists()
+    assert EmbeddingTombstone.objects.filter(embedding_id=region.pk, kind="region").exists()
+    services.serving_index(active, "region")  # the next search's catch-up
+    assert region.pk not in index
+
+
+def test_deleting_an_encoder_version_takes_its_rows_and_files(active, archive, tmp_path,
+                                                             django_capture_on_commit_callbacks):  # fmt: skip
+    from django.conf import settings as django_settings
+
+    model = enc.build_encoder("resnet18", dim=16, preprocessing=enc.Preprocessing(input_size=64))
+    enc.save_encoder(tmp_path / "next.pt", model)
+    newer = services.encoder_register(path=tmp_path / "next.pt", name="next")
+    services.encoder_activate(encoder=newer, wait=True)  # retires "tiny"
+    active.refresh_from_db()
+    assert active.status == EncoderVersion.Status.RETIRED
+    Embedding.objects.filter(encoder=active).first().delete()  # a tombstone of its own too
+    weights = Path(django_settings.PRECEDENT_HOME) / active.weights_path
+    index_folder = services.index_dir(active, "image").parent
+    assert weights.is_file() and index_folder.is_dir()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        active.delete()
+    assert not Embedding.objects.filter(encoder_id=active.pk).exists()
+    assert not EmbeddingTombstone.objects.filter(encoder_id=active.pk).exists()
+    assert not weights.exists() and not index_folder.exists()
+    assert Embedding.objects.filter(encoder=newer).count() > 0  # the serving version is untouched
+    assert len(selectors.similar_cases(instance=archive.first(), k=3).hits) == 3
+
+
+def test_the_serving_encoder_cannot_be_deleted_in_the_admin(admin_client, active):
+    response = admin_client.get(f"/admin/embeddings/encoderversion/{active.pk}/delete/")
+    assert response.status_code == 403
+    response = admin_client.post(
+        "/admin/embeddings/encoderversion/",
+        {"action": "delete_selected", "_selected_action": [active.pk], "post": "yes"},
+    )
+    assert response.status_code == 403 and EncoderVersion.objects.filter(pk=active.pk).exists()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width×height (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000])
+def test_oversized_picture_upload_is_400(api, active, archive, side):
+    response = api.post("/api/v1/search/", {"file": _file("bomb.png", _png_header_only(side, side))},
+                        format="multipart")  # fmt: skip
+    assert response.status_code == 400
+    assert response.json()["error"] in (
+        f"the image is {side}×{side} pixels: at most 89,478,485 pixels are accepted",
+        "cannot decode the upload: send a DICOM, PNG or JPEG image",
+    )
+
+
+def test_uploaded_dicom_leaves_out_its_own_patient(api, active, archive, make_dicom):
+    from studies.services import dicom_store
+
+    query = archive.first()
+    data = dicom_store().path(query.file_path).read_bytes()
+    patient = query.series.study.patient.patient_id
+    body = api.post("/api/v1/search/", {"file": _file("q.dcm", data), "k": 10}, format="multipart").json()
+    assert len(body["results"]) == 10 and patient not in {r["patient_id"] for r in body["results"]}
+    body = api.post("/api/v1/search/", {"file": _file("q.dcm", data), "k": 1, "exclude_same_patient": "false"},
+                    format="multipart").json()  # fmt: skip
+    assert body["results"][0]["sop_instance_uid"] == query.sop_instance_uid
+    assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+    # A query need not be storable: a DICOM without its study UID still searches.
+    def without_study_uid(ds):
+        del ds.StudyInstanceUID
+
+    response = api.post("/api/v1/search/", {"file": _file("q.dcm", make_dicom(transform=without_study_uid)), "k": 2},
+                        format="multipart")  # fmt: skip
+    assert response.status_code == 200 and len(response.json()["results"]) == 2

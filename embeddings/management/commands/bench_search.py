@@ -32,6 +32,9 @@ from django.test import Client
 from rest_framework.authtoken.models import Token
 from tqdm import tqdm
 
+from access import policy
+from access.services import role_grant
+
 from embeddings import bench  # isort: skip - imports faiss before torch
 from embeddings import selectors, services
 from embeddings.models import Embedding, EncoderVersion
@@ -165,6 +168,7 @@ class Command(BaseCommand):
 
     def _api_row(self, encoder, single, truth, base: int, k: int) -> dict[str, Any]:
         user, _ = get_user_model().objects.get_or_create(username=USER)
+        role_grant(user=user, roles=[policy.RADIOLOGIST])  # search is a radiologist's permission
         token, _ = Token.objects.get_or_create(user=user)
         client = Client(HTTP_AUTHORIZATION=f"Token {token.key}", SERVER_NAME=settings.ALLOWED_HOSTS[0])
 
@@ -208,8 +212,9 @@ def _fillers() -> list[int]:
 
 
 def _cleanup(encoder: EncoderVersion) -> None:
-    """Delete the run's rows: embeddings in bulk (no tombstones: their encoder goes
-    too), then the filler patients through the ORM so their files go as well."""
+    """Delete the run's rows: embeddings in bulk (one statement instead of a tombstone
+    each: their encoder goes too), then the filler patients through the ORM so their
+    files go as well."""
     services.forget_indexes()
     with connection.cursor() as cursor:
         cursor.execute(f'DELETE FROM "{Embedding._meta.db_table}" WHERE encoder_id = %s', [encoder.pk])

@@ -107,7 +107,12 @@ class Command(BaseCommand):
             if "error" in saved:
                 files = f"no usable saved index ({saved['error']})"
             else:
-                agreement = "matches PostgreSQL" if saved["matches_database"] else "stale: rebuilt or caught up on load"
+                if not saved["file_intact"]:
+                    agreement = "index file damaged or missing: rebuilt on load"
+                elif saved["matches_database"]:
+                    agreement = "matches PostgreSQL"
+                else:
+                    agreement = "stale: caught up on load"
                 files = f"saved {saved['created_at']}: {saved['count']} vectors, {saved['index_type']}, {agreement}"
             where = serving["searches_on"].upper()
             if where == "CPU" and serving["gpu_setting"] != "off" and not serving["faiss_sees_gpu"]:
