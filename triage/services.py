@@ -287,7 +287,12 @@ def _active_names(models: ModelState) -> str:
 def _detection_flags(detections: Sequence[ModelDetection], rules: Sequence[UrgentRule]) -> tuple[list[str], list[str]]:
     """Reasons from detector boxes: urgent ones (an urgent class at or above
     PRECEDENT_TRIAGE_URGENT_DETECTION_SCORE), suspicious ones (any class at or above
-    PRECEDENT_TRIAGE_SUSPICIOUS_DETECTION_SCORE); the best box per label."""
+    PRECEDENT_TRIAGE_SUSPICIOUS_DETECTION_SCORE); the best box per label.
+
+    A box names a class, not a pathology (a detector cannot tell a malignant mass from
+    a benign one of the same shape): it counts for the rules of its class whose
+    pathology is * or malignant, as the lesion it may be, and the urgent score guards.
+    """
     urgent_score = float(settings.PRECEDENT_TRIAGE_URGENT_DETECTION_SCORE)
     suspicious_score = float(settings.PRECEDENT_TRIAGE_SUSPICIOUS_DETECTION_SCORE)
     best: dict[str, float] = {}
@@ -296,7 +301,7 @@ def _detection_flags(detections: Sequence[ModelDetection], rules: Sequence[Urgen
     urgent, suspicious = [], []
     for label, score in sorted(best.items(), key=lambda item: -item[1]):
         pathology, _, cls = label.rpartition(":")
-        is_urgent = any(rule.matches(pathology.strip().lower() or "*", cls.strip()) for rule in rules)
+        is_urgent = any(rule.matches(pathology.strip().lower() or "malignant", cls.strip()) for rule in rules)
         if is_urgent and score >= urgent_score:
             urgent.append(f"detector: {label} (score {score:.2f} ≥ urgent {urgent_score:.2f})")
         elif score >= suspicious_score:
@@ -366,8 +371,9 @@ def _quality_reasons(images: Sequence[ImageVerdict]) -> list[str]:
 def model_state() -> tuple[ModelState, list[TriageModelVersion], OperatingPoint | None]:
     """The active scoring models, the signed-off point in use (selectors.signed_off_point:
     its versions are the active ones its score source needs) and the versions a
-    result records: the point's, the active detector (its boxes can flag a study),
-    and without a point the active classifier the study waits for."""
+    result records: the point's, the active classifier (its P(malignant) is used
+    whatever score the point thresholds; without a point, the study waits for it) and
+    the active detector (its boxes can flag a study)."""
     from .selectors import active_scoring_versions, signed_off_point
 
     active = active_scoring_versions()
@@ -381,9 +387,12 @@ def model_state() -> tuple[ModelState, list[TriageModelVersion], OperatingPoint 
         detector=detector.name if detector else "",
         score_source=point.score_source if point is not None else OperatingPoint.ScoreSource.CLASSIFIER,
     )
-    versions = list(point.model_versions.all()) if point is not None else [classifier] if classifier else []
-    if detector is not None and detector not in versions:
-        versions.append(detector)
+    versions = list(point.model_versions.all()) if point is not None else []
+    # The active classifier scores beside any point (its P(malignant) flags suspicious
+    # exams), and the active detector's boxes can flag a study.
+    for version in (classifier, detector):
+        if version is not None and version not in versions:
+            versions.append(version)
     return state, versions, point
 
 
@@ -696,32 +705,65 @@ def classify_study(study: Study, loaded: LoadedModel) -> dict[str, Any] | None:
 
 
 def study_exam_scores(
-    study: Study, *, point: OperatingPoint, qualities: Sequence[ImageQuality]
+    study: Study,
+    *,
+    point: OperatingPoint,
+    qualities: Sequence[ImageQuality],
+    classifier: TriageModelVersion | None = None,
 ) -> dict[str, Any] | None:
     """The study's scores under the point's score source, from the point's own model
     versions (exam_score.study_scores), or None when a model the source needs did not
     score it (no mammogram for the classifier, no image the detector ran on, a weights
-    file that cannot be loaded: the study waits, the reason is logged)."""
+    file that cannot be loaded: the study waits, the reason is logged).
+
+    When the point thresholds another score, `classifier` (the active one) still scores
+    the mammograms beside it: its P(malignant) can flag the exam suspicious, and its
+    per-image and per-breast scores are shown, whatever the threshold applies to.
+    """
     from .exam_score import NEEDS, study_scores
 
     needs = NEEDS[point.score_source]
     versions = {v.kind: v for v in point.model_versions.all()}
+    classifier = versions.get(TriageModelVersion.Kind.CLASSIFIER, classifier)
     classifier_scores = None
-    if "classifier" in needs:
-        if not any(q.assessable and q.task == CLASSIFIER_TASK for q in qualities):
-            return None
+    can_classify = any(q.assessable and q.task == CLASSIFIER_TASK for q in qualities)
+    if "classifier" in needs and not can_classify:
+        return None
+    if classifier is not None and can_classify:
         try:
-            loaded = load_triage_model(versions[TriageModelVersion.Kind.CLASSIFIER])
+            classifier_scores = classify_study(study, load_triage_model(classifier))
         except ValueError as exc:  # a missing or damaged weights file
             log.error("classifier unavailable: %s", exc)
-            return None
-        classifier_scores = classify_study(study, loaded)
+            if "classifier" in needs:
+                return None
     detector_images = None
     if "detector" in needs:
         from .selectors import study_detector_scores
 
         detector_images = study_detector_scores(study=study, version=versions[TriageModelVersion.Kind.DETECTOR])
-    return study_scores(point.score_source, classifier=classifier_scores, detector_images=detector_images)
+    scores = study_scores(
+        point.score_source,
+        classifier=classifier_scores if "classifier" in needs else None,
+        detector_images=detector_images,
+    )
+    if scores is not None and classifier_scores is not None and "classifier" not in needs:
+        scores = {**classifier_scores, **scores, "exam": {**classifier_scores.get("exam", {}), **scores["exam"]}}
+    return scores
+
+
+def training_patients(versions: Sequence[TriageModelVersion], patient_ids: set[str]) -> dict[str, int]:
+    """For each version trained on a cohort that shares patients (PatientID) with
+    `patient_ids`: how many. The training cohort is the one its metadata names; a
+    cohort deleted since cannot be checked and counts as none."""
+    shared = {}
+    for version in versions:
+        cohort = ((version.metadata or {}).get("training") or {}).get("cohort")
+        if not cohort:
+            continue
+        trained = set(Study.objects.filter(cohorts__name=cohort).values_list("patient__patient_id", flat=True))
+        if count := len(trained & patient_ids):
+            shared[version.name] = count
+    return shared
 
 
 def default_score_source(models: Mapping[str, Any] | None = None) -> str:
@@ -776,6 +818,7 @@ def operating_point_compute(
     source: str | None = None,
     progress: bool = False,
     models: Mapping[str, LoadedModel | None] | None = None,
+    allow_training_patients: bool = False,
 ) -> OperatingPoint:
     """Score the (validation) cohort with the active models the score `source` needs
     (default: default_score_source()), or with the candidate versions in `models` by
@@ -783,7 +826,8 @@ def operating_point_compute(
     keeps `target_sensitivity` as an OperatingPoint with its source and model
     versions, not signed off. A point on candidates can be signed off before they are
     activated, and then applies from the moment they are. Raises ValueError with the
-    reason (a model the source needs is missing, no labels, one class only)."""
+    reason (a model the source needs is missing, no labels, one class only, patients
+    a model was trained on, unless `allow_training_patients`: the point records them)."""
     from . import metrics
     from .selectors import active_scoring_versions, cohort_exam_scores, scored_exams
 
@@ -802,9 +846,17 @@ def operating_point_compute(
     labels = [e.abnormal for e in exams]
     if len(set(labels)) < 2:
         raise ValueError(f"cohort {cohort.name!r} needs normal and abnormal exams to calibrate, has one class only")
+    patients = {e.patient_id for e in exams}
+    seen_in_training = training_patients([m.version for m in (classifier, detector) if m is not None], patients)
+    if seen_in_training and not allow_training_patients:
+        raise ValueError(
+            f"cohort {cohort.name!r} holds patients the models were trained on ("
+            + ", ".join(f"{n} of {len(patients)} in {name}'s training cohort" for name, n in seen_in_training.items())
+            + "): a threshold fitted on them promises more than new patients get; calibrate on patients kept apart "
+            "(`cohort split`)"
+        )
     scores = [e.score(source) for e in exams]
     point = metrics.threshold_for_sensitivity(labels, scores, target_sensitivity)
-    patients = {e.patient_id for e in exams}
     validation = {
         "target_sensitivity": target_sensitivity,
         "score_source": source,
@@ -823,6 +875,7 @@ def operating_point_compute(
         "classifier": classifier.version.name if classifier else None,
         "detector": detector.version.name if detector else None,
         "level": "exam",
+        "training_patients": seen_in_training,  # by model: validation patients it was trained on (allowed)
     }
     op = OperatingPoint.objects.create(
         score_source=source,
@@ -927,7 +980,10 @@ def triage_study(*, study_id: int, recheck: bool = False) -> TriageResult | None
     ]
     state, versions, point = model_state()
     detections = localise_study(study=study)
-    scores = study_exam_scores(study, point=point, qualities=qualities) if point is not None else None
+    classifier = next((v for v in versions if v.kind == TriageModelVersion.Kind.CLASSIFIER), None)
+    scores = (
+        study_exam_scores(study, point=point, qualities=qualities, classifier=classifier) if point is not None else None
+    )
     decision = decide(
         images=images, findings=findings, rules=urgent_rules(), models=state, scores=scores, detections=detections
     )

@@ -64,16 +64,34 @@ def filtered_worklist(params: QueryDict):
     return form, selectors.worklist(**form.selector_filters())
 
 
+# The exam-level numbers a row shows, in this order (exam_score.study_scores).
+EXAM_SCORES = (("p_abnormal", "P(abnormal)"), ("p_malignant", "P(malignant)"), ("p_detector", "best box"))
+
+
+def score_items(scores: dict | None) -> list[tuple[str, float]]:
+    """The exam-level scores of a TriageResult as (label, value) for a worklist row;
+    per-image and per-breast detail stays on the study page and in the API. The fused
+    score, which no single model gives, comes first under its own name."""
+    scores = scores or {}
+    exam = scores.get("exam") if isinstance(scores.get("exam"), dict) else {}
+
+    def number(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+    items = [(label, float(exam[key])) for key, label in EXAM_SCORES if number(exam.get(key))]
+    if scores.get("score_source") == "fused" and number(exam.get("score")):
+        items.insert(0, ("fused", float(exam["score"])))
+    # Flat numbers at the top level (a result written by hand or by an older version).
+    items += [(name, float(value)) for name, value in scores.items() if number(value)]
+    return items
+
+
 def decorate(study: Study) -> Study:
-    """What a row shows beyond the annotations: the category's label and the numeric
-    top-level scores (per-image and per-breast detail stays in the API)."""
+    """What a row shows beyond the annotations: the category's label and the
+    exam-level scores."""
     study.category_label = Category(study.category).label
     study.flagged = study.category in selectors.FLAGGED
-    study.score_items = [
-        (name, value)
-        for name, value in (study.scores or {}).items()
-        if isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ]
+    study.score_items = score_items(study.scores)
     return study
 
 

@@ -151,10 +151,13 @@ def test_the_audit_and_calibration_links_are_in_the_nav_for_admins_only(make_use
 
 @pytest.mark.django_db
 def test_the_nav_offers_only_what_the_role_may_open(make_user, session_for):
+    pages = {role: session_for(make_user(role)).get("/").content.decode() for role in ("technologist", "radiologist")}
+
     def nav(role: str) -> str:
-        page = session_for(make_user(role)).get("/").content.decode()
-        return page.split('<nav aria-label="Main">')[1].split("</nav>")[0]
+        return pages[role].split('<nav aria-label="Main">')[1].split("</nav>")[0]
 
     technologist, radiologist = nav("technologist"), nav("radiologist")
     assert 'href="/upload/"' in technologist and 'href="/search/"' not in technologist
+    # The brand leads home: the worklist, for those who read from it.
+    assert '<a class="brand" href="/worklist/">' in pages["radiologist"]
     assert 'href="/search/"' in radiologist and 'href="/upload/"' not in radiologist

@@ -52,6 +52,17 @@ def test_train_triage_trains_registers_and_activates_a_classifier(datasets: Path
     loaded = services.active_triage_model("classifier")
     assert loaded.version == version
 
+    # Its own training patients cannot calibrate it: a threshold fitted on them
+    # promises more than new patients get. Allowed on request, and recorded.
+    with pytest.raises(CommandError, match=r"holds patients the models were trained on \(4 of 4 in tiny-cls's"):
+        run("calibrate_triage", "--cohort", "tiny")
+    assert not OperatingPoint.objects.exists()
+    output = run("calibrate_triage", "--cohort", "tiny", "--allow-training-patients")
+    assert "warning: 4 of these 4 patients are in tiny-cls's training cohort" in output
+    assert OperatingPoint.objects.get().validation["training_patients"] == {"tiny-cls": 4}
+    report = json.loads(run("evaluate_triage", "--cohort", "tiny", "--json"))
+    assert report["training_patients"] == {"tiny-cls": 4}
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -298,6 +309,22 @@ def test_decide_with_detections() -> None:
         detections=[services.ModelDetection("malignant:mass", 0.2, "1.2.3")],
     )
     assert low.category == Category.LIKELY_NEGATIVE
+    # The detector's own boxes name a class, no pathology: an urgent class by default
+    # (malignant:SPIC) is urgent at the urgent score; a class no rule names is suspicious.
+    for label, category in [
+        ("SPIC", Category.URGENT),
+        ("pneumothorax", Category.URGENT),
+        ("CALC", Category.SUSPICIOUS),
+    ]:
+        bare = services.decide(
+            images=images,
+            findings=[],
+            rules=rules,
+            models=state,
+            scores=scores,
+            detections=[services.ModelDetection(label, 0.95, "1.2.3")],
+        )
+        assert bare.category == category, label
     no_point = services.decide(
         images=images, findings=[], rules=rules, models=services.ModelState(classifier="c"), scores=None
     )

@@ -184,8 +184,14 @@ def test_calibration_stores_the_source_and_its_versions_and_evaluate_reports_it(
     assert result["auc_abnormal"] == result["by_source"]["detector"]["auc_abnormal"]
     assert result["auc_abnormal"] == on_detector.validation["auc_abnormal"]
     assert result["classifier"] == cls.name and result["detector"] == detector.name
-    with pytest.raises(CommandError, match="calibrated on the detector score"):
-        run("evaluate_triage", "--cohort", "pair", "--score", "fused")
+    # Another score than the point's: evaluated at --threshold, not under the point.
+    fused = json.loads(run("evaluate_triage", "--cohort", "pair", "--score", "fused", "--threshold", "0", "--json"))
+    assert fused["score_source"] == "fused" and fused["operating_point"]["signed_off"] is False
+    assert fused["operating_point"]["threshold"] == 0.0 and fused["operating_point"]["sensitivity"] == 1.0
+    assert fused["auc_abnormal"] == result["by_source"]["fused"]["auc_abnormal"]
+    text = run("evaluate_triage", "--cohort", "pair", "--score", "fused")
+    assert f"note: the signed-off point {on_detector.pk} thresholds the detector score, not this one" in text
+    assert fused["training_patients"] == {}  # untrained models: no training cohort
 
 
 @pytest.mark.django_db
@@ -261,10 +267,23 @@ def test_arrival_uses_the_signed_off_points_source(
     assert result.reasons[0].startswith(f"detector {detector.name}: best box score {best:.3f}")
     assert list(result.model_versions.all()) == [detector]
 
-    # A classifier activated later changes nothing: the point is the detector's.
-    register_classifier()
+    # A classifier activated later leaves the threshold on the detector's score, and
+    # scores beside it: its P(malignant) can flag the exam, its scores are recorded.
+    cls = register_classifier()
+    expected = services.classify_study(study, services.active_triage_model("classifier"))
     services.triage_study(study_id=study.pk)
-    assert study.triage_results.get(is_current=True).scores["score_source"] == "detector"
+    result = study.triage_results.get(is_current=True)
+    assert result.scores["score_source"] == "detector" and result.category == category
+    assert result.scores["exam"]["score"] == pytest.approx(best, abs=1e-6)
+    assert result.scores["exam"]["p_malignant"] == pytest.approx(expected["exam"]["p_malignant"], abs=1e-6)
+    assert set(result.scores["images"]) == {instance.sop_instance_uid} and set(result.model_versions.all()) == {
+        detector,
+        cls,
+    }
+    settings.PRECEDENT_TRIAGE_SUSPICIOUS_MALIGNANT = expected["exam"]["p_malignant"] / 2
+    services.triage_study(study_id=study.pk)
+    result = study.triage_results.get(is_current=True)
+    assert result.category == Category.SUSPICIOUS and "P(malignant)" in result.reasons[0]
 
 
 @pytest.mark.django_db

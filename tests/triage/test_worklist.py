@@ -218,3 +218,23 @@ def test_flagged_studies_show_similar_confirmed_cases(
     links = re.findall(r'href="/studies/([0-9.]+)/\?instance=', html)
     assert len(links) == 3 and uid not in links
     assert set(re.findall(r'class="badge (\w+)"', html)) <= {"malignant", "benign", "normal"}
+
+
+def test_rows_show_the_exam_scores(studies, browser_client):
+    """A TriageResult keeps its numbers nested (exam, breasts, images); the row shows
+    the exam's, under names a radiologist reads."""
+    from triage.models import TriageResult
+    from triage.views import score_items
+
+    fused = {"exam": {"p_abnormal": 0.4, "p_malignant": 0.1, "p_detector": 0.5, "score": 0.7}, "score_source": "fused",
+             "breasts": {"L": {"p_abnormal": 0.4}}, "images": {"1.2": {"p_abnormal": 0.4}}}  # fmt: skip
+    assert score_items(fused) == [("fused", 0.7), ("P(abnormal)", 0.4), ("P(malignant)", 0.1), ("best box", 0.5)]
+    assert score_items({"exam": {"p_detector": 0.3, "score": 0.3}, "score_source": "detector"}) == [("best box", 0.3)]
+    assert score_items({}) == [] and score_items(None) == []
+
+    study = next(iter(studies.values()))
+    TriageResult.objects.filter(study=study, is_current=True).update(scores=fused)
+    html = browser_client.get("/worklist/").text
+    row = html[html.index(f'id="worklist-{study.pk}"') :]
+    cell = row[row.index('<td class="scores">') : row.index("</td>", row.index('<td class="scores">'))]
+    assert "P(abnormal) <strong>0.40</strong>" in cell and "fused <strong>0.70</strong>" in cell

@@ -1,5 +1,5 @@
 """python manage.py calibrate_triage --cohort NAME [--score {classifier,detector,fused}] [--target-sensitivity 1.0]
-[--classifier NAME] [--detector NAME] [--sign-off USERNAME]."""
+[--classifier NAME] [--detector NAME] [--sign-off USERNAME] [--allow-training-patients]."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ class Command(BaseCommand):
         )
         parser.add_argument("--target-sensitivity", type=float, default=1.0, help="exam level, in (0, 1]")
         parser.add_argument("--sign-off", metavar="USERNAME", default="", help="sign the new point off as this user")
+        parser.add_argument(
+            "--allow-training-patients",
+            action="store_true",
+            help="calibrate even on patients a model was trained on (a demonstration, never a deployment: the point "
+            "records how many, and the calibration page shows it)",
+        )
         for kind in ("classifier", "detector"):
             parser.add_argument(
                 f"--{kind}",
@@ -70,6 +76,7 @@ class Command(BaseCommand):
                 source=options["score"],
                 progress=options["verbosity"] > 0,
                 models=named,
+                allow_training_patients=options["allow_training_patients"],
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
@@ -83,6 +90,8 @@ class Command(BaseCommand):
             f"({v['abnormal_exams']} abnormal); AUC {_fmt(v['auc_abnormal'])}, normals ruled out at 100 % "
             f"sensitivity {_fmt(v['rule_out_at_full_sensitivity'])}"
         )
+        for name, count in (v.get("training_patients") or {}).items():
+            self.stdout.write(f"warning: {count} of these {v['patients']} patients are in {name}'s training cohort")
         waiting = [v.name for v in point.model_versions.all() if v.status != v.Status.ACTIVE]
         if waiting:
             self.stdout.write(

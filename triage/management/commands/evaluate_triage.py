@@ -68,11 +68,11 @@ class Command(BaseCommand):
         scoring = {k: m.version for k, m in loaded.items() if m is not None and k in SCORING_KINDS}
         # A signed-off point applies only to the very versions it was calibrated on.
         point = selectors.signed_off_point(active=scoring)
+        other_point = None
         if point is not None and options["score"] and options["score"] != point.score_source:
-            raise CommandError(
-                f"the signed-off operating point {point.pk} is calibrated on the {point.score_source} score: "
-                f"evaluate that one (leave out --score)"
-            )
+            # The asked score has no signed-off threshold here (the point thresholds
+            # another): it is evaluated at --threshold, and the text says so.
+            other_point, point = point, None
         source = point.score_source if point else options["score"] or services.default_score_source(scoring)
         for kind in NEEDS[source]:
             if loaded[kind] is None:
@@ -109,7 +109,9 @@ class Command(BaseCommand):
         else:  # benign vs malignant is the classifier's second output; the detector's classes are lesion types
             auc_malignant = image_auc_malignant = None
 
-        threshold = point.threshold if point else options["threshold"] or DEFAULT_THRESHOLD
+        threshold = options["threshold"] if options["threshold"] is not None else DEFAULT_THRESHOLD
+        if point is not None:
+            threshold = point.threshold
         at = metrics.at_threshold(exam_abnormal, exam_scores, threshold)
         curve = metrics.curve(exam_abnormal, exam_scores)
         result: dict[str, Any] = {
@@ -160,6 +162,9 @@ class Command(BaseCommand):
                 operating_point=at,
             )
             result["roc_png"] = str(out / "roc_workload.png")
+        result["training_patients"] = services.training_patients(
+            [m.version for m in loaded.values() if m is not None], {e.patient_id for e in exams}
+        )
         result["not_active"] = sorted(
             m.version.name
             for m in loaded.values()
@@ -209,6 +214,16 @@ class Command(BaseCommand):
             + (f" ({result['localisation']})" if result["localisation"] else "")
             + _by_class_line(result.get("froc_by_class"))
         )
+        if other_point is not None:
+            self.stdout.write(
+                f"note: the signed-off point {other_point.pk} thresholds the {other_point.score_source} score, not "
+                f"this one: the figures at a threshold are at --threshold {threshold:g}"
+            )
+        for name, count in result["training_patients"].items():
+            self.stdout.write(
+                f"warning: {count} of these {result['patients']} patients are in {name}'s training cohort: "
+                "these figures are not those of new patients"
+            )
         if "roc_png" in result:
             self.stdout.write(f"curves: {result['roc_png']}")
 
