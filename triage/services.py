@@ -891,6 +891,48 @@ def operating_point_compute(
     return op
 
 
+def operating_point_at_threshold(*, point: OperatingPoint, threshold: float) -> OperatingPoint:
+    """A new point, not signed off, at another threshold of `point`'s validation run:
+    one the admin picks on its curve (the page), with the figures the curve holds for
+    it and their counts and exact intervals. Same models, score source and cohort.
+    Raises ValueError for a threshold that is not on the curve."""
+    from . import metrics
+
+    validation = point.validation or {}
+    chosen = next(
+        (
+            c
+            for c in validation.get("curve") or []
+            if c["threshold"] is not None and abs(c["threshold"] - threshold) < 1e-9
+        ),
+        None,
+    )
+    if chosen is None or point.computed_at is None or point.validation_cohort_id is None:
+        raise ValueError(f"{threshold:g} is not a threshold on operating point {point.pk}'s validation curve")
+    abnormal, normal = int(validation.get("abnormal_exams", 0)), int(validation.get("normal_exams", 0))
+    flagged, ruled_out = round(chosen["sensitivity"] * abnormal), round(chosen["specificity"] * normal)
+    derived = OperatingPoint.objects.create(
+        score_source=point.score_source,
+        threshold=chosen["threshold"],
+        sensitivity=chosen["sensitivity"],
+        specificity=chosen["specificity"],
+        workload_reduction=chosen["workload_reduction"],
+        validation_cohort=point.validation_cohort,
+        validation={
+            **validation,
+            "target_sensitivity": None,
+            "chosen_from": point.pk,  # picked on the curve of that point's validation run
+            "sensitivity_counts": [flagged, abnormal],
+            "sensitivity_ci95": metrics.proportion_interval(flagged, abnormal),
+            "specificity_counts": [ruled_out, normal],
+            "specificity_ci95": metrics.proportion_interval(ruled_out, normal),
+        },
+        computed_at=point.computed_at,
+    )
+    derived.model_versions.set(point.model_versions.all())
+    return derived
+
+
 def operating_point_sign_off(
     *, point: OperatingPoint, user: AbstractBaseUser, via: str = "web", request=None
 ) -> OperatingPoint:

@@ -242,6 +242,25 @@ def calibration_curves(request: HttpRequest, pk: int) -> HttpResponse:
 
 @require_POST
 @_admin_only
+def calibration_at_threshold(request: HttpRequest, pk: int) -> HttpResponse:
+    """Another threshold picked on a point's curve becomes a new point, not signed off
+    yet: the admin reads its figures, then signs it off like any other."""
+    point = get_object_or_404(OperatingPoint, pk=pk)
+    try:
+        threshold = float(request.POST.get("threshold", ""))
+        derived = services.operating_point_at_threshold(point=point, threshold=threshold)
+    except ValueError as exc:
+        message = str(exc) if "curve" in str(exc) else "choose a threshold from the list"
+        return HttpResponse(message, status=400, content_type="text/plain")
+    response = HttpResponseRedirect(f"{reverse('triage:calibration')}#operating-point-{derived.pk}")
+    if request.htmx:
+        response = HttpResponse(status=204)
+        response["HX-Redirect"] = f"{reverse('triage:calibration')}#operating-point-{derived.pk}"
+    return response
+
+
+@require_POST
+@_admin_only
 def calibration_sign_off(request: HttpRequest, pk: int) -> HttpResponse:
     """Sign off a computed point (audited); htmx gets its row back."""
     point = get_object_or_404(OperatingPoint, pk=pk)

@@ -104,6 +104,7 @@ VIEWS: dict[str, dict[str, str]] = {
     "triage:calibration": {"GET": ADMIN},
     "triage:calibration-curves": {"GET": ADMIN},
     "triage:calibration-sign-off": {"POST": ADMIN},
+    "triage:calibration-at-threshold": {"POST": ADMIN},
     # Search pages (POST searches with an uploaded image: still a search)
     "search:search": {"GET": SEARCH, "POST": SEARCH},
     "search:compare": {"GET": SEARCH},

@@ -413,3 +413,39 @@ def test_calibration_scores_only_the_images_triage_scores_on_arrival(
     assert result["by_source"]["classifier"]["exams"] == 4
     text = run("evaluate_triage", "--cohort", "tiny")
     assert "left out: 2 labelled exams" in text
+
+
+def test_an_admin_picks_another_threshold_on_the_curve_and_signs_it_off(
+    client, browser_client, admin, active_classifier, django_capture_on_commit_callbacks
+) -> None:
+    point = _computed_point(active_classifier, 0.4)
+    point.validation.update(
+        normal_exams=2,
+        curve=[
+            {"threshold": None, "sensitivity": 0.0, "specificity": 1.0, "workload_reduction": 1.0},
+            {"threshold": 0.6, "sensitivity": 0.5, "specificity": 1.0, "workload_reduction": 0.75},
+            {"threshold": 0.4, "sensitivity": 1.0, "specificity": 0.5, "workload_reduction": 0.25},
+        ],
+    )
+    point.save(update_fields=["validation"])
+    url = reverse("triage:calibration-at-threshold", args=[point.pk])
+    assert browser_client.post(url, {"threshold": "0.6"}).status_code == 403  # a radiologist
+    client.force_login(admin)
+    page = client.get(reverse("triage:calibration")).text
+    assert '<option value="0.6">0.6000: sensitivity 0.500, specificity 1.000, workload reduction 0.750' in page
+    assert client.post(url, {"threshold": "0.55"}).status_code == 400  # not on the curve
+    assert client.post(url, {"threshold": "x"}).status_code == 400
+
+    response = client.post(url, {"threshold": "0.6"})
+    derived = OperatingPoint.objects.exclude(pk=point.pk).get()
+    assert response.status_code == 302 and response["Location"].endswith(f"#operating-point-{derived.pk}")
+    assert (derived.threshold, derived.sensitivity, derived.specificity) == (0.6, 0.5, 1.0)
+    assert derived.signed_off_at is None and list(derived.model_versions.all()) == [active_classifier]
+    assert derived.validation_cohort == point.validation_cohort and derived.validation["chosen_from"] == point.pk
+    assert derived.validation["sensitivity_counts"] == [1, 2] and derived.validation["specificity_counts"] == [2, 2]
+    page = client.get(reverse("triage:calibration")).text
+    assert f"picked on the curve of operating point {point.pk}" in page
+    assert "1 of 2 abnormal exams flagged, 95 % CI 0.013–0.987" in page
+    with django_capture_on_commit_callbacks(execute=True):
+        signed = client.post(reverse("triage:calibration-sign-off", args=[derived.pk]), HTTP_HX_REQUEST="true")
+    assert signed.status_code == 200 and TriageAudit.objects.get(operating_point=derived).after["threshold"] == 0.6
