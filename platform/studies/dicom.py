@@ -651,6 +651,21 @@ def is_dicomdir_name(path: Path) -> bool:
     return path.name.upper() == "DICOMDIR"
 
 
+def is_dicomdir(path: Path) -> bool:
+    """Named DICOMDIR (as PS3.10 requires on media), or any Part 10 file whose File
+    Meta says Media Storage Directory (copies named DICOMDIR-old and the like)."""
+    if is_dicomdir_name(path):
+        return True
+    try:
+        with path.open("rb") as fh:
+            if fh.read(132)[128:132] != b"DICM":
+                return False
+        meta = pydicom.filereader.read_file_meta_info(str(path))
+    except Exception:  # unreadable: ingest says why
+        return False
+    return meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS
+
+
 def dicomdir_files(path: Path | str) -> list[Path]:
     """The files a DICOMDIR references, in its order (missing ones included: the
     caller reports them). Raises InvalidDicom when the DICOMDIR cannot be read."""

@@ -33,6 +33,18 @@ def test_dicomdir_ingests_what_it_references(dicom_files: Path):
     assert Instance.objects.count() == 31
 
 
+def test_a_dicomdir_is_known_by_its_file_meta_too(dicom_files: Path):
+    """Copies named otherwise (DICOMDIR-bigEnd) are DICOMDIRs by their File Meta: named
+    on the command line they are read; met in a folder they are passed over."""
+    folder = dicom_files / "pydicom-test_files" / "dicomdirtests"
+    assert "31 stored, 0 duplicate, 0 rejected" in run(str(folder / "DICOMDIR-bigEnd"))
+    assert "0 stored, 31 duplicate, 0 rejected" in run(str(folder / "DICOMDIR-implicit"))
+    assert "cannot read DICOMDIR" in run(str(folder / "DICOMDIR-nopatient"))
+    # The walk meets every variant and ingests none of them as an instance.
+    out = run(str(folder))
+    assert "50 stored, 31 duplicate, 0 rejected" in out  # TINY_ALPHA is new; no DICOMDIR rejected
+
+
 def test_folder_is_walked_recursively_skipping_dicomdirs_and_docs(dicom_files: Path):
     folder = dicom_files / "pydicom-test_files" / "dicomdirtests" / "TINY_ALPHA"
     out = run(str(folder))

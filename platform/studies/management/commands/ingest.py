@@ -28,9 +28,9 @@ def _walkable(path: Path) -> bool:
     return (
         path.is_file()
         and not path.name.startswith(".")
-        and not dicom.is_dicomdir_name(path)
         and path.suffix.lower() not in NOT_DICOM_SUFFIXES
         and path.name.upper() not in NOT_DICOM_NAMES
+        and not dicom.is_dicomdir(path)
     )
 
 
@@ -38,14 +38,15 @@ def expand(paths: list[Path]) -> Iterator[Path | IngestResult]:
     """Files to ingest, in a stable order.
 
     A folder is walked recursively, passing over hidden files, documentation and
-    DICOMDIRs (the files a DICOMDIR indexes are in the same tree). A DICOMDIR named on
-    the command line is read, and each file it references is ingested (missing ones
-    are reported). A file named on the command line is always tried.
+    DICOMDIRs (the files a DICOMDIR indexes are in the same tree; a DICOMDIR is known by
+    its name or by its File Meta). A DICOMDIR named on the command line is read, and
+    each file it references is ingested (missing ones are reported). Any other file
+    named on the command line is always tried.
     """
     for path in paths:
         if path.is_dir():
             yield from (child for child in sorted(path.rglob("*")) if _walkable(child))
-        elif dicom.is_dicomdir_name(path):
+        elif dicom.is_dicomdir(path):
             try:
                 referenced = dicom.dicomdir_files(path)
             except IngestError as exc:
