@@ -224,22 +224,22 @@ def _cut_short(ds: Dataset, size: int) -> str:
     pydicom reads a last element whose value runs past the end of the file, and stops
     quietly when the file ends inside an element's header: a cut file then reads as a
     shorter, valid-looking one (a CT slice without its pixel data, a UID missing its
-    last digits). In a whole file the last top-level element ends where the file ends.
+    last digits). Only the last element read can be cut, and in a whole file it ends
+    where the file ends. (One look, not a walk: this runs on every stored file.)
     """
-    end: int | None = None
-    for tag in sorted(ds.keys()):
-        elem = ds.get_item(tag, keep_deferred=True)
-        tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
-        if tell is None or length is None or length == 0xFFFFFFFF or tag in _PIXEL_TAGS:
-            # Undefined length: its items were read. Pixel data has checks of its own
-            # that say more (`_pixel_module`: its length, or whether it decodes).
-            end = None
-            continue
-        if tell + length > size:
-            return f"element {tag} needs {length} bytes at offset {tell}, but the file ends at {size}"
-        end = tell + length
-    if end is not None and end < size:
-        return f"the file ends inside an element header ({size - end} bytes after the last whole element)"
+    if not len(ds):
+        return ""
+    elem = next(reversed(ds.values()))  # read order: the last element in the file
+    tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+    if tell is None or length is None or length == 0xFFFFFFFF or elem.tag in _PIXEL_TAGS:
+        # Converted as it was read (no offsets), or of undefined length (its items were
+        # read to their delimiter); pixel data has checks of its own that say more
+        # (`_pixel_module`: its length, or whether it decodes).
+        return ""
+    if tell + length > size:
+        return f"element {elem.tag} needs {length} bytes at offset {tell}, but the file ends at {size}"
+    if tell + length < size:
+        return f"the file ends inside an element header ({size - tell - length} bytes after the last whole element)"
     return ""
 
 

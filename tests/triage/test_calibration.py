@@ -282,49 +282,26 @@ def test_decide_with_detections() -> None:
     images = [services.ImageVerdict(True)]
     state = services.ModelState(classifier="c", operating_point=True, threshold=0.5)
     scores = {"exam": {"p_abnormal": 0.1, "p_malignant": 0.0}, "breasts": {"L": {"p_abnormal": 0.1}}}
-    urgent = services.decide(
-        images=images,
-        findings=[],
-        rules=rules,
-        models=state,
-        scores=scores,
-        detections=[services.ModelDetection("malignant:mass", 0.95, "1.2.3")],
-    )
-    assert urgent.category == Category.URGENT and "malignant:mass" in urgent.reasons[0]
-    suspicious = services.decide(
-        images=images,
-        findings=[],
-        rules=rules,
-        models=state,
-        scores=scores,
-        detections=[services.ModelDetection("benign:CALC", 0.6, "1.2.3")],
-    )
-    assert suspicious.category == Category.SUSPICIOUS
-    low = services.decide(
-        images=images,
-        findings=[],
-        rules=rules,
-        models=state,
-        scores=scores,
-        detections=[services.ModelDetection("malignant:mass", 0.2, "1.2.3")],
-    )
-    assert low.category == Category.LIKELY_NEGATIVE
-    # The detector's own boxes name a class, no pathology: an urgent class by default
-    # (malignant:SPIC) is urgent at the urgent score; a class no rule names is suspicious.
-    for label, category in [
-        ("SPIC", Category.URGENT),
-        ("pneumothorax", Category.URGENT),
-        ("CALC", Category.SUSPICIOUS),
-    ]:
-        bare = services.decide(
+
+    def with_box(label: str, score: float) -> services.Decision:
+        return services.decide(
             images=images,
             findings=[],
             rules=rules,
             models=state,
             scores=scores,
-            detections=[services.ModelDetection(label, 0.95, "1.2.3")],
+            detections=[services.ModelDetection(label, score, "1.2.3")],
         )
-        assert bare.category == category, label
+
+    urgent = with_box("malignant:mass", 0.95)
+    assert urgent.category == Category.URGENT and "malignant:mass" in urgent.reasons[0]
+    assert with_box("benign:CALC", 0.6).category == Category.SUSPICIOUS
+    assert with_box("malignant:mass", 0.2).category == Category.LIKELY_NEGATIVE
+    # The detector's own boxes name a class, no pathology: an urgent class by default
+    # (malignant:SPIC) is urgent at the urgent score; a class no rule names is suspicious.
+    assert with_box("SPIC", 0.95).category == Category.URGENT
+    assert with_box("pneumothorax", 0.95).category == Category.URGENT
+    assert with_box("CALC", 0.95).category == Category.SUSPICIOUS
     no_point = services.decide(
         images=images, findings=[], rules=rules, models=services.ModelState(classifier="c"), scores=None
     )
