@@ -465,26 +465,33 @@ def triage_model_activate(
     if current.status == TriageModelVersion.Status.ACTIVE:
         version.status, version.activated_at = current.status, current.activated_at
         return version
+    from .selectors import signed_off_point
+
     previous = next((v for v in rows if v.status == TriageModelVersion.Status.ACTIVE), None)
+    point_before = signed_off_point()
     if previous is not None:
         previous.status = TriageModelVersion.Status.RETIRED
         previous.save(update_fields=["status"])
     version.status = TriageModelVersion.Status.ACTIVE
     version.activated_at = timezone.now()
     version.save(update_fields=["status", "activated_at"])
+    point_after = signed_off_point()
     _model_audit(
         version=version,
         user=user,
         via=via,
         request=request,
         note="activated",
-        before={"active": previous.name if previous else None},
+        before={"active": previous.name if previous else None, "operating_point": _point_id(point_before)},
+        operating_point=point_after,
     )
-    from .selectors import signed_off_point
-
-    if signed_off_point() is not None:  # else pending studies would only wait again
+    if point_after is not None:  # else pending studies would only wait again
         enqueue("triage.retriage_pending")
     return version
+
+
+def _point_id(point: OperatingPoint | None) -> int | None:
+    return point.pk if point is not None else None
 
 
 @transaction.atomic
@@ -498,16 +505,43 @@ def triage_model_retire(
     if current.status != TriageModelVersion.Status.ACTIVE:
         version.status = current.status
         return version
+    from .selectors import signed_off_point
+
+    point_before = signed_off_point()
     version.status = TriageModelVersion.Status.RETIRED
     version.save(update_fields=["status"])
-    _model_audit(version=version, user=user, via=via, request=request, note="retired", before={"active": version.name})
+    _model_audit(
+        version=version,
+        user=user,
+        via=via,
+        request=request,
+        note="retired",
+        before={"active": version.name, "operating_point": _point_id(point_before)},
+        operating_point=signed_off_point(),
+    )
     return version
 
 
-def _model_audit(*, version: TriageModelVersion, user, via: str, request, note: str, before: dict[str, Any]) -> None:
+def _model_audit(
+    *,
+    version: TriageModelVersion,
+    user,
+    via: str,
+    request,
+    note: str,
+    before: dict[str, Any],
+    operating_point: OperatingPoint | None,
+) -> None:
     """A model switch in the triage audit and the platform audit log; `via` is the door
-    (access.models.Via: "command", or "page" for the admin's actions)."""
-    after = {"kind": version.kind, "version": version.name, "status": version.status, "via": via}
+    (access.models.Via: "command", or "page" for the admin's actions). The switch can
+    change which signed-off point triage uses (or leave none): both are recorded."""
+    after = {
+        "kind": version.kind,
+        "version": version.name,
+        "status": version.status,
+        "via": via,
+        "operating_point": _point_id(operating_point),
+    }
     TriageAudit.objects.create(action=TriageAudit.Action.MODEL, user=user, before=before, after=after, note=note)
     _access_audit(
         request=request,

@@ -28,9 +28,15 @@ def test_activate_and_retire_are_audited_and_keep_one_active_version_per_kind() 
     services.triage_model_activate(version=candidate, via="command")
     assert (status("live"), status("candidate")) == ("retired", "active")
     first, switch = TriageAudit.objects.filter(action=TriageAudit.Action.MODEL).order_by("pk")
-    assert first.before == {"active": None} and first.after["version"] == "live"  # registered with activate
-    assert switch.note == "activated" and switch.before == {"active": "live"}
-    assert switch.after == {"kind": "detector", "version": "candidate", "status": "active", "via": "command"}
+    assert first.before == {"active": None, "operating_point": None} and first.after["version"] == "live"
+    assert switch.note == "activated" and switch.before == {"active": "live", "operating_point": None}
+    assert switch.after == {
+        "kind": "detector",
+        "version": "candidate",
+        "status": "active",
+        "via": "command",
+        "operating_point": None,  # none signed off: studies wait as pending
+    }
     event = AuditEvent.objects.get(action="triage.model.activate", target="candidate")
     assert event.via == "command" and event.details["before_active"] == "live"
 
@@ -82,6 +88,14 @@ def test_a_candidate_calibrated_and_signed_off_before_the_switch_applies_the_mom
         services.triage_model_activate(version=candidate)
     assert selectors.signed_off_point() == on_candidate  # no gap without a signed-off point
     assert status("live") == "retired"
+    # The switch changed the point triage uses: the audit says from which to which.
+    audit = TriageAudit.objects.filter(action=TriageAudit.Action.MODEL).latest("pk")
+    assert audit.before == {"active": "live", "operating_point": on_live.pk}
+    assert audit.after["operating_point"] == on_candidate.pk
+    output = run("triage_model", "retire", "candidate")
+    assert "no signed-off operating point applies to the active models: studies wait as pending" in output
+    output = run("triage_model", "activate", "live")
+    assert f"triage uses operating point {on_live.pk} (detector score, threshold" in output
     with pytest.raises(CommandError, match="live is a detector, not a classifier"):
         run("calibrate_triage", "--cohort", "pair", "--classifier", "live")
 

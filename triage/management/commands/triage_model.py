@@ -7,7 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import Count, Q
 
-from triage import services
+from triage import selectors, services
 from triage.models import TriageModelVersion
 
 
@@ -44,6 +44,13 @@ class Command(BaseCommand):
                 self.stdout.write(f"{version.name} is {version.status} already: nothing changed")
             else:
                 self.stdout.write(f"{version.kind} {version.name}: {was} → {version.status}")
+                point = selectors.signed_off_point()
+                self.stdout.write(
+                    f"triage uses operating point {point.pk} ({point.score_source} score, threshold "
+                    f"{point.threshold:.4f})"
+                    if point is not None
+                    else "no signed-off operating point applies to the active models: studies wait as pending"
+                )
             options["kind"] = version.kind
         self._list(options.get("kind"))
 
