@@ -167,6 +167,18 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(api, make_dicom, settin
     assert Instance.objects.count() == 0 and nothing_written(precedent_home)
 
 
+def test_a_file_of_exactly_the_limit_is_stored_whatever_its_multipart_envelope(api, make_dicom, settings):
+    data = make_dicom()
+    settings.PRECEDENT_MAX_UPLOAD_BYTES = len(data)
+    response = api.post("/api/v1/instances/", {"file": upload("exact.dcm", data)}, format="multipart")
+    assert response.status_code == 201, response.json()
+    one_more = make_dicom(PatientComments="x" * 64)
+    assert len(one_more) > len(data)
+    response = api.post("/api/v1/instances/", {"file": upload("over.dcm", one_more)}, format="multipart")
+    assert response.status_code == 413 and "larger than the upload limit" in response.json()["error"]
+    assert Instance.objects.count() == 1
+
+
 def test_no_file_field_is_400(api):
     response = api.post("/api/v1/instances/", {"other": "x"}, format="multipart")
     assert response.status_code == 400
