@@ -133,21 +133,30 @@ def test_boxes_are_clipped_to_the_image() -> None:
 # --- CBIS-DDSM ---------------------------------------------------------------------------
 
 
-def test_cbis_mammograms_ingest_as_they_are_render_and_carry_labels(datasets: Path) -> None:
+def test_cbis_mammograms_keep_their_pixels_render_and_carry_labels(datasets: Path) -> None:
     root = datasets / "cbis-ddsm-mg-samples"
     output = run("cbis", str(root))
 
     assert "2 images: 2 stored" in output
     assert "not staged" in output  # six labelled files of the package are not in the folder
-    for name, pathology, birads in (
-        ("sfm-malign-0/1-280.dcm", "malignant", 5),
-        ("sfm-benign-0/1-130.dcm", "benign", 3),
+    for name, patient, pathology, birads in (
+        ("sfm-malign-0/1-280.dcm", "P_00820", "malignant", 5),
+        ("sfm-benign-0/1-130.dcm", "P_00173", "benign", 3),
     ):
-        source = pydicom.dcmread(root / name, stop_before_pixels=True)
-        instance = Instance.objects.get(sop_instance_uid=source.SOPInstanceUID)
+        source = pydicom.dcmread(root / name)
+        instance = Instance.objects.get(
+            sop_instance_uid=dataset_uid(cbis.NAME, "instance", source.PatientID)  # e.g. Mass-Test_P_00173_LEFT_CC
+        )
         assert instance.transfer_syntax_uid == pydicom.uid.RLELossless
         assert (instance.series.modality, instance.bits_allocated) == ("MG", 16)
-        assert services.dicom_store().path(instance.file_path).read_bytes() == (root / name).read_bytes()
+        stored = pydicom.dcmread(services.dicom_store().path(instance.file_path))
+        assert stored.PixelData == source.PixelData  # the RLE fragments, byte for byte
+        # The header as a PACS coerces it: the woman, not the image, is the patient.
+        study = instance.series.study
+        assert (study.patient.patient_id, study.patient.issuer_of_patient_id) == (patient, "CBIS-DDSM")
+        assert study.study_instance_uid == dataset_uid(cbis.NAME, "study", patient)
+        assert (instance.laterality, instance.view_position) == ("L", "CC")
+        assert source.PatientID in stored.ImageComments
         finding = instance.findings.get()
         assert (finding.pathology, finding.abnormality_class, finding.box) == (pathology, "mass", None)
         assert finding.attributes["birads"] == birads

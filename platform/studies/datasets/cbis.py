@@ -1,18 +1,40 @@
-"""CBIS-DDSM sample mammograms: real MG DICOMs, ingested byte for byte, + labels.csv rows.
+"""CBIS-DDSM sample mammograms: real MG DICOMs + labels.csv rows.
 
 labels.csv has one row per abnormality for every file of the source package; only the
 files present under the folder are imported (PROVENANCE: two of eight are staged).
 CBIS-DDSM locates its lesions with ROI masks, which were not staged, so the findings
-carry pathology, class and BI-RADS but no box. Laterality and view sit in the label
-row, not in the DICOM (its ImageLaterality and ViewPosition are empty), so they are
-kept in the finding's attributes.
+carry pathology, class and BI-RADS but no box.
+
+The pixel data is kept as it is (RLE, byte for byte); the header is coerced on import,
+as a PACS reconciles what it receives: CBIS names a patient per image
+(Mass-Test_P_00173_LEFT_CC), which would put one woman's views in different patients
+and leak across patient-level splits, so PatientID becomes the woman (labels.csv
+patient_id, issuer CBIS-DDSM) with one study per woman; laterality and view, empty in
+the DICOM, come from the label row; the UIDs are generated from the CBIS image name
+(a re-import is all duplicates), and ImageComments keep the original ID.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-from .base import BENIGN, MALIGNANT, UNKNOWN, Conversion, FindingSpec, Item, find_root, group_rows, read_csv
+import pydicom
+
+from .base import (
+    BENIGN,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    MALIGNANT,
+    UNKNOWN,
+    Conversion,
+    FindingSpec,
+    Item,
+    dataset_uid,
+    find_root,
+    group_rows,
+    read_csv,
+)
 
 NAME = "cbis-ddsm"
 FOLDER = "cbis-ddsm-mg-samples"
@@ -60,7 +82,26 @@ def _item(root: Path, name: str, rows: list[dict[str, str]]) -> Item:
     path = root / name
     if not path.is_file():
         return Item(name=name, dicom=None, problem="listed as staged in labels.csv but missing")
-    return Item(name=name, dicom=path, findings=[_finding(row) for row in rows])
+    return Item(name=name, dicom=_coerced(path, rows[0]), findings=[_finding(row) for row in rows])
+
+
+def _coerced(path: Path, row: dict[str, str]) -> bytes:
+    """The file with its header coerced (module docstring); pixel data untouched."""
+    ds = pydicom.dcmread(path)
+    image, patient = row["dicom_PatientID"], row["patient_id"]
+    ds.ImageComments = f"CBIS-DDSM image {image} (its PatientID in the source); header coerced on import"
+    ds.PatientID, ds.IssuerOfPatientID = patient, "CBIS-DDSM"
+    side = row["left or right breast"].upper()
+    ds.ImageLaterality = {"LEFT": "L", "RIGHT": "R"}.get(side, "")
+    ds.ViewPosition = row["image view"].upper()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = dataset_uid(NAME, "instance", image)
+    ds.SeriesInstanceUID = dataset_uid(NAME, "series", image)
+    ds.StudyInstanceUID = dataset_uid(NAME, "study", patient)
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def _finding(row: dict[str, str]) -> FindingSpec:
