@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from precedent.tasks import enqueue, job
@@ -487,13 +487,35 @@ def _store_vectors(
             )
         )
     with transaction.atomic():
-        if replace:  # each old row leaves a tombstone (receivers.tombstone)
-            Embedding.objects.filter(encoder=encoder, instance_id__in={p.instance_id for p, _ in items}).delete()
+        if replace:
+            rows = _replacing(encoder, rows)
         # Another worker may have embedded the same instance meanwhile: the unique
         # constraints keep one row, and the loser's vectors are dropped.
         Embedding.objects.bulk_create(rows, ignore_conflicts=True)
     report.regions += sum(1 for r in rows if r.kind == Kind.REGION)
     report.images += sum(1 for r in rows if r.kind == Kind.IMAGE)
+
+
+def _replacing(encoder: EncoderVersion, rows: list[Embedding]) -> list[Embedding]:
+    """Make room for a batch of re-embedded rows (in the caller's transaction): delete
+    the old image rows of these images and the old region rows of these findings, each
+    leaving a tombstone (receivers.tombstone). A box moved or cleared since the batch
+    was read keeps what the finding's own job made of it: its row here is dropped."""
+    regions = [r for r in rows if r.finding_id is not None]
+    current = {
+        pk: (x0, y0, x1, y1)
+        for pk, x0, y0, x1, y1 in Finding.objects.select_for_update()
+        .filter(pk__in=[r.finding_id for r in regions])
+        .values_list("pk", "x0", "y0", "x1", "y1")
+    }
+    stale = {r.finding_id for r in regions if current.get(r.finding_id) != (r.x0, r.y0, r.x1, r.y1)}
+    rows = [r for r in rows if r.finding_id not in stale]
+    images = [r.instance_id for r in rows if r.finding_id is None]
+    findings = [r.finding_id for r in rows if r.finding_id is not None]
+    Embedding.objects.filter(encoder=encoder).filter(
+        Q(kind=Kind.IMAGE, instance_id__in=images) | Q(kind=Kind.REGION, finding_id__in=findings)
+    ).delete()
+    return rows
 
 
 def record_tombstones(embeddings: Iterable[Embedding]) -> None:

@@ -785,17 +785,17 @@ def study_exam_scores(
     return scores
 
 
-def training_patients(versions: Sequence[TriageModelVersion], patient_ids: set[str]) -> dict[str, int]:
-    """For each version trained on a cohort that shares patients (PatientID) with
-    `patient_ids`: how many. The training cohort is the one its metadata names; a
-    cohort deleted since cannot be checked and counts as none."""
+def training_patients(versions: Sequence[TriageModelVersion], patients: set[int]) -> dict[str, int]:
+    """For each version trained on a cohort that shares patients (Patient rows: the
+    PatientID within its issuer) with `patients`: how many. The training cohort is the
+    one its metadata names; a cohort deleted since cannot be checked and counts as none."""
     shared = {}
     for version in versions:
         cohort = ((version.metadata or {}).get("training") or {}).get("cohort")
         if not cohort:
             continue
-        trained = set(Study.objects.filter(cohorts__name=cohort).values_list("patient__patient_id", flat=True))
-        if count := len(trained & patient_ids):
+        trained = set(Study.objects.filter(cohorts__name=cohort).values_list("patient_id", flat=True))
+        if count := len(trained & patients):
             shared[version.name] = count
     return shared
 
@@ -880,7 +880,7 @@ def operating_point_compute(
     labels = [e.abnormal for e in exams]
     if len(set(labels)) < 2:
         raise ValueError(f"cohort {cohort.name!r} needs normal and abnormal exams to calibrate, has one class only")
-    patients = {e.patient_id for e in exams}
+    patients = {e.study.patient_id for e in exams}  # Patient rows: PatientID within its issuer
     seen_in_training = training_patients([m.version for m in (classifier, detector) if m is not None], patients)
     if seen_in_training and not allow_training_patients:
         raise ValueError(

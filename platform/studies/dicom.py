@@ -156,7 +156,7 @@ def read_header(
 
     meta = ds.file_meta
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:  # offsets are in the inflated stream
-        cut = _cut_short(ds, size)
+        cut = _cut_short(ds, path, size)
         if cut:
             raise InvalidDicom(f"file is truncated: {cut}")
     if meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
@@ -218,7 +218,7 @@ def read_header(
     return ds, header
 
 
-def _cut_short(ds: Dataset, size: int) -> str:
+def _cut_short(ds: Dataset, path: Path, size: int) -> str:
     """Why a file that pydicom read without complaint was cut short, or "".
 
     pydicom reads a last element whose value runs past the end of the file, and stops
@@ -239,6 +239,10 @@ def _cut_short(ds: Dataset, size: int) -> str:
     if tell + length > size:
         return f"element {elem.tag} needs {length} bytes at offset {tell}, but the file ends at {size}"
     if tell + length < size:
+        with path.open("rb") as fh:  # a few bytes of NUL padding after the data set are harmless
+            fh.seek(tell + length)
+            if not fh.read(8).strip(b"\0"):
+                return ""
         return f"the file ends inside an element header ({size - tell - length} bytes after the last whole element)"
     return ""
 

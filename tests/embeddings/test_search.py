@@ -332,13 +332,22 @@ def test_embed_all_replaces_vectors_batch_by_batch(active, archive):
     replace its old ones in one transaction, and every old row leaves a tombstone."""
     old = set(Embedding.objects.filter(encoder=active).values_list("pk", flat=True))
     seen = []
+    # A radiologist moves a box of the last batch while the run is on: its own job
+    # re-embeds it, and the run (which read the old box) must not undo that.
+    moved = Finding.objects.filter(instance__in=list(archive)[10:], x0__isnull=False).first()
+    assert moved is not None
 
     def progress(done: int, total: int) -> None:
         seen.append((done, Embedding.objects.filter(encoder=active, kind="image").count()))
+        if done == 5:
+            moved.x0 += 2
+            moved.save()
+            services.embed_findings(finding_ids=[moved.pk])  # the job the save enqueues
 
     report = services.embed_pending(encoder=active, batch_size=5, progress=progress, replace=True)
-    assert report.images == 12 and report.regions == Finding.objects.filter(x0__isnull=False).count()
+    assert report.images == 12 and report.regions == Finding.objects.filter(x0__isnull=False).count() - 1
     assert seen == [(5, 12), (10, 12), (12, 12)]
+    assert Embedding.objects.get(finding=moved, encoder=active).box == moved.box
     new = set(Embedding.objects.filter(encoder=active).values_list("pk", flat=True))
     assert len(new) == len(old) and not new & old
     assert set(EmbeddingTombstone.objects.filter(encoder=active).values_list("embedding_id", flat=True)) == old

@@ -275,6 +275,7 @@ def test_a_cut_file_is_refused_wherever_the_cut_falls(dicom_files: Path, tmp_pat
     if reason != "Pixel Data is":
         assert str(caught.value).startswith("file is truncated: ")
     dicom.read_header(_write(tmp_path / "whole.dcm", data))  # the whole file reads
+    dicom.read_header(_write(tmp_path / "padded.dcm", data + b"\0\0\0"))  # and NUL padding after it
 
 
 def _write(path: Path, data: bytes) -> Path:

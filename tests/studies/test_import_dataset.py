@@ -168,6 +168,24 @@ def test_cbis_mammograms_keep_their_pixels_render_and_carry_labels(datasets: Pat
     assert Cohort.objects.get(name="cbis").studies.count() == 2
 
 
+def test_cbis_refuses_a_broken_file_with_its_reason_and_imports_the_rest(tmp_path: Path, datasets: Path) -> None:
+    """A staged file that is not DICOM (a Git LFS pointer), or is cut short, is that
+    file's rejection with ingest's reason; the import goes on."""
+    source = datasets / "cbis-ddsm-mg-samples"
+    (tmp_path / "labels.csv").symlink_to(source / "labels.csv")
+    (tmp_path / "sfm-malign-0").mkdir()
+    (tmp_path / "sfm-malign-0" / "1-280.dcm").symlink_to(source / "sfm-malign-0" / "1-280.dcm")
+    (tmp_path / "sfm-benign-0").mkdir()
+    pointer = tmp_path / "sfm-benign-0" / "1-130.dcm"
+    pointer.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1\n")
+    output = run("cbis", str(tmp_path))
+    assert "2 images: 1 stored, 0 duplicate, 1 rejected" in output
+    assert "not a DICOM Part 10 file" in output
+    pointer.write_bytes((source / "sfm-benign-0" / "1-130.dcm").read_bytes()[:8_000_000])
+    output = run("cbis", str(tmp_path))
+    assert "2 images: 0 stored, 1 duplicate, 1 rejected" in output and "file is truncated" in output
+
+
 def test_cbis_reports_a_staged_file_that_is_missing(tmp_path: Path, datasets: Path) -> None:
     (tmp_path / "labels.csv").write_bytes((datasets / "cbis-ddsm-mg-samples" / "labels.csv").read_bytes())
     output = run("cbis", str(tmp_path))

@@ -426,3 +426,24 @@ def test_an_admin_picks_another_threshold_on_the_curve_and_signs_it_off(
     with django_capture_on_commit_callbacks(execute=True):
         signed = client.post(reverse("triage:calibration-sign-off", args=[derived.pk]), HTTP_HX_REQUEST="true")
     assert signed.status_code == 200 and TriageAudit.objects.get(operating_point=derived).after["threshold"] == 0.6
+
+
+def test_training_patients_are_told_apart_by_issuer(active_classifier) -> None:
+    """Synthetic seeds, and unrelated sites, reuse PatientIDs under other issuers: only
+    the same PatientID within the same issuer is the same patient."""
+    from studies.models import Patient, Study
+    from studies.services import cohort_add_studies
+
+    def study(patient_id: str, issuer: str, uid: str) -> Study:
+        patient = Patient.objects.create(patient_id=patient_id, issuer_of_patient_id=issuer)
+        return Study.objects.create(study_instance_uid=uid, patient=patient)
+
+    trained_on = [study("SYN-0001", "SEED-0", "1.2.1"), study("SYN-0002", "SEED-0", "1.2.2")]
+    elsewhere = [study("SYN-0001", "SEED-1", "1.2.3"), study("SYN-0002", "SEED-1", "1.2.4")]
+    Cohort.objects.create(name="train-a")
+    cohort_add_studies(name="train-a", studies=trained_on)
+    active_classifier.metadata = {**active_classifier.metadata, "training": {"cohort": "train-a"}}
+    active_classifier.save(update_fields=["metadata"])
+    assert services.training_patients([active_classifier], {s.patient_id for s in elsewhere}) == {}
+    both = {s.patient_id for s in elsewhere} | {trained_on[0].patient_id}
+    assert services.training_patients([active_classifier], both) == {active_classifier.name: 1}

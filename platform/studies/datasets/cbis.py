@@ -19,7 +19,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import pydicom
+from studies import dicom
+from studies.errors import IngestError
 
 from .base import (
     BENIGN,
@@ -82,12 +83,18 @@ def _item(root: Path, name: str, rows: list[dict[str, str]]) -> Item:
     path = root / name
     if not path.is_file():
         return Item(name=name, dicom=None, problem="listed as staged in labels.csv but missing")
+    try:
+        # The source as ingest would judge it (not DICOM, cut short, ...): pydicom's
+        # lenient read and a re-save would otherwise make a cut file look whole.
+        dicom.read_header(path, verify_pixels=False)
+    except IngestError as exc:
+        return Item(name=name, dicom=None, problem=exc.reason)
     return Item(name=name, dicom=_coerced(path, rows[0]), findings=[_finding(row) for row in rows])
 
 
 def _coerced(path: Path, row: dict[str, str]) -> bytes:
     """The file with its header coerced (module docstring); pixel data untouched."""
-    ds = pydicom.dcmread(path)
+    ds = dicom.read_dataset(path)
     image, patient = row["dicom_PatientID"], row["patient_id"]
     ds.ImageComments = f"CBIS-DDSM image {image} (its PatientID in the source); header coerced on import"
     ds.PatientID, ds.IssuerOfPatientID = patient, "CBIS-DDSM"

@@ -145,7 +145,7 @@ class Command(BaseCommand):
             # assessable and of the model's task): left out of every figure above.
             "left_out_exams": len(labelled) - len(exams),
             "abnormal_exams": sum(exam_abnormal),
-            "patients": len({e.patient_id for e in exams}),
+            "patients": len({e.study.patient_id for e in exams}),  # Patient rows: PatientID within its issuer
             "classifier": classifier.version.name if classifier else None,
             "detector": detector.version.name if detector else None,
             "froc": None,
@@ -163,7 +163,7 @@ class Command(BaseCommand):
             )
             result["roc_png"] = str(out / "roc_workload.png")
         result["training_patients"] = services.training_patients(
-            [m.version for m in loaded.values() if m is not None], {e.patient_id for e in exams}
+            [m.version for m in loaded.values() if m is not None], {e.study.patient_id for e in exams}
         )
         result["not_active"] = sorted(
             m.version.name
