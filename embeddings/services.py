@@ -620,12 +620,6 @@ def _load_checked(encoder: EncoderVersion, kind: str) -> tuple[vector_index.Vect
             index.add(*_vectors(rows, encoder.dim))
         log.info("index %s/%s was stale: %d added, %d removed", encoder.name, kind, len(missing), len(extra))
         changed = True
-    if index.index_type != index.wanted_type():
-        # PRECEDENT_INDEX_TYPE (or the size, or a GPU) asks for another type than was saved.
-        log.info("rebuilding the %s %s index as %s (saved as %s)", encoder.name, kind, index.wanted_type(),
-                 index.index_type)  # fmt: skip
-        index.compact()
-        changed = True
     return index, changed
 
 
@@ -667,6 +661,7 @@ def index_status(encoder: EncoderVersion, kind: str) -> dict[str, Any]:
 def serving_index(encoder: EncoderVersion, kind: str, *, save: bool = False) -> vector_index.VectorIndex:
     """This process's index for (encoder, kind), loaded once and kept current."""
     key = (encoder.pk, kind)
+    retype = False
     with _served_lock:
         served = _served.get(key)
         if served is None:
@@ -674,6 +669,14 @@ def serving_index(encoder: EncoderVersion, kind: str, *, save: bool = False) -> 
             index, changed = _load_checked(encoder, kind)
             served = _served[key] = _Served(index, *marks)
             save = save or changed
+            retype = index.index_type != index.wanted_type()
+    if retype:
+        # PRECEDENT_INDEX_TYPE (or the size, or a GPU) asks for another type than was
+        # saved: rebuilt aside, outside the lock, while searches use the loaded one.
+        log.info("rebuilding the %s %s index as %s (saved as %s)", encoder.name, kind, served.index.wanted_type(),
+                 served.index.index_type)  # fmt: skip
+        served.index.compact()
+        save = True
     _catch_up(encoder, kind, served, force=save)
     if save:
         served.index.save(index_dir(encoder, kind), encoder_version=encoder.name)
