@@ -248,15 +248,13 @@ def calibration_at_threshold(request: HttpRequest, pk: int) -> HttpResponse:
     point = get_object_or_404(OperatingPoint, pk=pk)
     try:
         threshold = float(request.POST.get("threshold", ""))
+    except ValueError:
+        return HttpResponse("choose a threshold from the list", status=400, content_type="text/plain")
+    try:
         derived = services.operating_point_at_threshold(point=point, threshold=threshold)
-    except ValueError as exc:
-        message = str(exc) if "curve" in str(exc) else "choose a threshold from the list"
-        return HttpResponse(message, status=400, content_type="text/plain")
-    response = HttpResponseRedirect(f"{reverse('triage:calibration')}#operating-point-{derived.pk}")
-    if request.htmx:
-        response = HttpResponse(status=204)
-        response["HX-Redirect"] = f"{reverse('triage:calibration')}#operating-point-{derived.pk}"
-    return response
+    except ValueError as exc:  # not on the curve, or no validation run behind the point
+        return HttpResponse(str(exc), status=400, content_type="text/plain")
+    return HttpResponseRedirect(f"{reverse('triage:calibration')}#operating-point-{derived.pk}")
 
 
 @require_POST
