@@ -1,4 +1,4 @@
-"""The optimisation loop the detector and the segmenter share (pure torch, no Django).
+"""The optimisation loop the classifier, the detector and the segmenter share (pure torch, no Django).
 
 Each model says how to turn a batch into a loss; this module runs the epochs: AdamW
 steps with an optional linear warm-up and a cosine decay, an optional wall-time budget

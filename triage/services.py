@@ -681,6 +681,7 @@ def _train_classifier(
     input_size: int | None = None,
     batch_size: int | None = None,
     patch_size: int | None = None,
+    max_seconds: float | None = None,
 ) -> TriageModelVersion:
     from . import classifier as core
     from . import training
@@ -712,6 +713,7 @@ def _train_classifier(
         patch_size=defaults.patch_size if patch_size is None else patch_size,
         init_weights=init,
         seed=seed,
+        max_seconds=max_seconds,
     )
     model, report = training.train_classifier(items, config, device=device, progress=progress)
     meta = core.classifier_meta(model, training=report.as_meta(cohort=cohort.name))

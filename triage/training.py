@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +49,7 @@ from .classifier import (
     normalise,
     prepare_film,
 )
+from .loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,15 @@ class ClassifierConfig:
     augment: bool = True
     init_weights: str = ""  # a checkpoint to start the trunk from (encoder, torchvision, triage file)
     seed: int = 0
+    max_seconds: float | None = None  # a wall-time cap; the schedule shortens to fit (loop.fit)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be at least 1 and lr positive")
         if self.patch_size and not 32 <= self.patch_size <= self.input_size:
             raise ValueError(f"patch_size must be 0 or between 32 and input_size ({self.input_size})")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError("max_seconds must be positive")
 
 
 @dataclass
@@ -101,6 +104,8 @@ class TrainingReport:
     malignant: int
     init: InitReport | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    stopped_by_clock: bool = False  # config.max_seconds ran out before the epochs did
 
     def summary(self) -> str:
         return (
@@ -117,6 +122,8 @@ class TrainingReport:
             "seconds": round(self.seconds, 1),
             "images_per_second": round(self.images_per_second, 2),
             "epochs": len(self.epoch_losses),
+            "steps": self.steps,
+            "stopped_by_clock": self.stopped_by_clock,
             "loss_history": [round(v, 5) for v in self.epoch_losses],
             "images": self.images,
             "abnormal": self.abnormal,
@@ -240,50 +247,45 @@ def train_classifier(
 
     model.to(device).to(memory_format=torch.channels_last).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(prepared) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    warmup = max(1, total // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
-    )
     use_bf16 = device.type == "cuda"
-    losses: list[float] = []
     seen = 0
-    started = time.perf_counter()
-    bar = tqdm(total=total, desc="train classifier", unit="step", disable=not progress)
-    try:
-        for epoch in range(config.epochs):
-            order = torch.randperm(len(prepared), generator=generator).tolist()
-            epoch_loss = 0.0
-            for start in range(0, len(order), config.batch_size):
-                chosen = [prepared[i] for i in order[start : start + config.batch_size]]
-                if config.patch_size:
-                    pictures = torch.stack([_crop(p, config.patch_size, generator, config.augment) for p in chosen])
-                else:
-                    pictures = torch.stack([p.pixels for p in chosen])
-                pictures = pictures.to(device)
-                if config.augment:
-                    pictures = augment(pictures, generator)
-                batch = normalise(pictures, prep).contiguous(memory_format=torch.channels_last)
-                target_abnormal = torch.tensor([p.abnormal for p in chosen], device=device)
-                target_malignant = torch.tensor([p.malignant for p in chosen], device=device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = model(batch)
-                loss = classifier_loss(logits, target_abnormal, target_malignant, weights)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                scheduler.step()
-                epoch_loss += float(loss.detach()) * len(chosen)
-                seen += len(chosen)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
-            losses.append(epoch_loss / len(prepared))
-            log.info("classifier epoch %d/%d: loss %.4f", epoch + 1, config.epochs, losses[-1])
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - started
+
+    def epoch_batches():
+        order = torch.randperm(len(prepared), generator=generator).tolist()
+        return (
+            [prepared[i] for i in order[start : start + config.batch_size]]
+            for start in range(0, len(order), config.batch_size)
+        )
+
+    def batch_loss(chosen: list[_Prepared]) -> torch.Tensor:
+        nonlocal seen
+        if config.patch_size:
+            pictures = torch.stack([_crop(p, config.patch_size, generator, config.augment) for p in chosen])
+        else:
+            pictures = torch.stack([p.pixels for p in chosen])
+        pictures = pictures.to(device)
+        if config.augment:
+            pictures = augment(pictures, generator)
+        batch = normalise(pictures, prep).contiguous(memory_format=torch.channels_last)
+        target_abnormal = torch.tensor([p.abnormal for p in chosen], device=device)
+        target_malignant = torch.tensor([p.malignant for p in chosen], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(batch)
+        seen += len(chosen)
+        return classifier_loss(logits, target_abnormal, target_malignant, weights)
+
+    run = fit(
+        batch_loss,
+        optimizer=optimiser,
+        epoch_batches=epoch_batches,
+        epochs=config.epochs,
+        steps_per_epoch=math.ceil(len(prepared) / config.batch_size),
+        max_seconds=config.max_seconds,
+        warmup=True,
+        name="classifier",
+        progress=progress,
+    )
+    losses, seconds = run.losses, run.seconds
     report = TrainingReport(
         device=str(device),
         seconds=seconds,
@@ -294,6 +296,8 @@ def train_classifier(
         malignant=sum(1 for item in items if item.malignant == 1),
         init=init,
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        steps=run.steps,
+        stopped_by_clock=run.stopped_by_clock,
     )
     return model.cpu().eval(), report
 

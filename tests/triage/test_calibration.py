@@ -42,11 +42,14 @@ def active_classifier() -> TriageModelVersion:
 
 def test_train_triage_trains_registers_and_activates_a_classifier(datasets: Path) -> None:
     import_tiny_cohort(datasets)
-    output = run("train_triage", "--cohort", "tiny", "--epochs", "1", "--activate", "--name", "tiny-cls")
+    output = run(
+        "train_triage", "--cohort", "tiny", "--epochs", "1", "--activate", "--name", "tiny-cls", "--max-minutes", "5"
+    )
     version = TriageModelVersion.objects.get(name="tiny-cls")
     assert version.status == "active" and version.kind == "classifier"
     training = version.metadata["training"]
     assert training["cohort"] == "tiny" and training["images"] == 8 and training["abnormal"] == 3
+    assert training["config"]["max_seconds"] == 300 and training["stopped_by_clock"] is False
     assert version.metadata["preprocessing"]["input_size"] >= 512
     assert "registered, active" in output
     loaded = services.active_triage_model("classifier")

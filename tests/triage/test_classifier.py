@@ -119,6 +119,19 @@ def test_a_tiny_training_run_lowers_the_loss_on_real_mias_crops(datasets: Path) 
     assert scores.shape == (4, 2) and (scores[:, 1] <= scores[:, 0] + 1e-6).all()
 
 
+def test_a_time_budget_ends_training_early_at_a_small_learning_rate(datasets: Path) -> None:
+    torch.set_num_threads(2)
+    items = mias_items(datasets, ["mdb001", "mdb003"])
+    config = training.ClassifierConfig(patch_size=64, epochs=10_000, batch_size=2, augment=False, max_seconds=1.0)
+    _, report = training.train_classifier(items, config, progress=False)
+    assert report.stopped_by_clock and 1 <= len(report.epoch_losses) < 10_000
+    assert report.steps == len(report.epoch_losses)  # one batch per epoch of two films
+    meta = report.as_meta(cohort="c")
+    assert meta["stopped_by_clock"] is True and meta["config"]["max_seconds"] == 1.0
+    with pytest.raises(ValueError, match="max_seconds must be positive"):
+        training.ClassifierConfig(max_seconds=0)
+
+
 def test_training_needs_both_classes(datasets: Path) -> None:
     items = mias_items(datasets, ["mdb003", "mdb004"])
     with pytest.raises(ValueError, match="one class only"):

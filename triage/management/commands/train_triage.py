@@ -59,7 +59,7 @@ class Command(BaseCommand):
             "--max-minutes",
             type=float,
             default=None,
-            help="detector and segmenter: stop after this much training, the schedule shortened to fit",
+            help="stop after this much training, the learning-rate schedule shortened to fit",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -76,16 +76,11 @@ class Command(BaseCommand):
         if options["max_minutes"] is not None and options["max_minutes"] <= 0:
             raise CommandError("--max-minutes must be positive")
         common = {key: options[key] for key in ("input_size", "batch_size") if options[key] is not None}
+        if options["max_minutes"] is not None:
+            common["max_seconds"] = options["max_minutes"] * 60
         only = {
             "transfer": {key: options[key] for key in ("weights", "init_from_encoder") if options[key]},
-            "localiser": {
-                key: value
-                for key, value in (
-                    ("crop", options["crop"]),
-                    ("max_seconds", None if options["max_minutes"] is None else options["max_minutes"] * 60),
-                )
-                if value is not None
-            },
+            "localiser": {"crop": options["crop"]} if options["crop"] is not None else {},
             "detector": {"breast_crop": True} if options["breast_crop"] else {},
         }
         groups = (
@@ -95,7 +90,7 @@ class Command(BaseCommand):
         )
         for group, applies in groups:
             if only[group] and not applies & set(kinds):
-                flag = {"max_seconds": "max_minutes"}.get(next(iter(only[group])), next(iter(only[group])))
+                flag = next(iter(only[group]))
                 raise CommandError(f"--{flag.replace('_', '-')} applies to the {' and '.join(sorted(applies))} only")
         for kind in kinds:
             trainer = getattr(services, TRAINERS[kind], None)
