@@ -195,6 +195,10 @@ def _classifier(train: list[Film], test: list[Film], args: argparse.Namespace, d
     }
 
 
+def _loop_summary(report: detection.TrainReport | segmentation.TrainReport) -> dict:
+    return {"epochs": len(report.epoch_losses), "steps": report.steps, "seconds": round(report.seconds, 1)}
+
+
 def _detector(train: list[Film], test: list[Film], args: argparse.Namespace, device: torch.device) -> dict:
     located = [f for f in train if f.located]
     classes = sorted({c for f in located for c in f.classes})
@@ -220,7 +224,7 @@ def _detector(train: list[Film], test: list[Film], args: argparse.Namespace, dev
         found = detection.detect(model, meta, f.pixels, device=device)
         boxes[f.refnum] = [[b.score, b.x0, b.y0, b.x1, b.y1] for b in found]
     return {
-        "training": {"epochs": len(report.epoch_losses), "steps": report.steps, "seconds": round(report.seconds, 1)},
+        "training": _loop_summary(report),
         "boxes": boxes,
     }
 
@@ -252,7 +256,7 @@ def _segmenter(train: list[Film], test: list[Film], args: argparse.Namespace, de
         if f.located and f.boxes:
             lesion[f.refnum] = loc.dice(predicted["lesion"], segmentation.ellipse_mask(f.pixels.shape, f.circles))
     return {
-        "training": {"epochs": len(report.epoch_losses), "steps": report.steps, "seconds": round(report.seconds, 1)},
+        "training": _loop_summary(report),
         "lesion_dice": lesion,
         "breast_dice": breast,
     }
