@@ -1,6 +1,6 @@
 """Services for DICOMweb: STOW-RS through the one ingest service, rendered images.
 
-Every part of a STOW-RS body goes through `studies.services.instance_ingest`, so
+Every part of a STOW-RS body goes through `studies.services.instances_ingest`, so
 instances stored over DICOMweb are validated, deduplicated and rejected exactly like
 those uploaded in the browser, over REST, by the ingest command or by C-STORE.
 """
@@ -8,13 +8,14 @@ those uploaded in the browser, over REST, by the ingest command or by C-STORE.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from studies.dicom import Window
 from studies.models import Instance
-from studies.services import IngestResult, RenderRequest, instance_ingest, instance_render_png
+from studies.services import IngestResult, RenderRequest, instance_render_png, instances_ingest
 
 from .dicomweb import (
     DICOM,
@@ -101,29 +102,75 @@ def stow(
 def _store_parts(
     outcome: StowOutcome, reader: MultipartReader, urls: Urls, study_instance_uid: str, max_bytes: int | None
 ) -> None:
-    for part in reader.parts():
-        if max_bytes is not None and reader.bytes_read > max_bytes:
-            raise BodyTooLarge(f"the request body is larger than the upload limit of {max_bytes} bytes")
-        part_type = part.content_type.media_type or DICOM
-        if part_type != DICOM:
-            _fail(outcome, urls, part.number, HeaderUids(), FAILURE_CANNOT_UNDERSTAND,
-                  f"part Content-Type is {part_type}, not {DICOM}")  # fmt: skip
-            continue
-        head = read_head(part, HEAD_BYTES)
-        uids = header_uids(head)
-        if study_instance_uid and uids.study_instance_uid != study_instance_uid:
-            found = uids.study_instance_uid or "not found in the header"
-            code = FAILURE_STUDY_MISMATCH if uids.is_part10 else FAILURE_CANNOT_UNDERSTAND
-            _fail(outcome, urls, part.number, uids, code,
-                  f"StudyInstanceUID {found} is not the study {study_instance_uid} of the request URL")  # fmt: skip
-            continue
-        result = instance_ingest(source=ChainedReader(head, part), name=part.location or f"part {part.number}")
+    """Read the parts one after the other and store the application/dicom ones in
+    batches (`instances_ingest`: one transaction per batch, not per part).
+
+    A defect of the body ends the reading; the parts before it are stored, and then
+    the defect is raised. Failures are reported in part order.
+    """
+    sent: list[tuple[int, HeaderUids, _PartBody]] = []
+    failures: list[tuple[int, HeaderUids, int, str]] = []
+    stop: list[Exception] = []
+
+    def dicom_parts() -> Iterator[tuple[BinaryIO, str]]:
+        try:
+            for part in reader.parts():
+                if max_bytes is not None and reader.bytes_read > max_bytes:
+                    raise BodyTooLarge(f"the request body is larger than the upload limit of {max_bytes} bytes")
+                part_type = part.content_type.media_type or DICOM
+                if part_type != DICOM:
+                    reason = f"part Content-Type is {part_type}, not {DICOM}"
+                    failures.append((part.number, HeaderUids(), FAILURE_CANNOT_UNDERSTAND, reason))
+                    continue
+                head = read_head(part, HEAD_BYTES)
+                uids = header_uids(head)
+                if study_instance_uid and uids.study_instance_uid != study_instance_uid:
+                    found = uids.study_instance_uid or "not found in the header"
+                    code = FAILURE_STUDY_MISMATCH if uids.is_part10 else FAILURE_CANNOT_UNDERSTAND
+                    reason = f"StudyInstanceUID {found} is not the study {study_instance_uid} of the request URL"
+                    failures.append((part.number, uids, code, reason))
+                    continue
+                body = _PartBody(ChainedReader(head, part), stop)
+                sent.append((part.number, uids, body))
+                yield body, part.location or f"part {part.number}"
+                if stop:  # the body broke while this part was read
+                    return
+            if max_bytes is not None and reader.bytes_read > max_bytes:
+                raise BodyTooLarge(f"the request body is larger than the upload limit of {max_bytes} bytes")
+        except (MalformedMultipart, BodyTooLarge) as exc:
+            stop.append(exc)
+
+    results = instances_ingest(dicom_parts())
+    for (number, uids, body), result in zip(sent, results, strict=True):
+        if body.broken:
+            continue  # not a failure of this instance: the request fails with the defect
         if result.ok:
             _stored(outcome, urls, result)
         else:
-            _fail(outcome, urls, part.number, uids, _failure_reason(result, uids), result.reason)
-    if max_bytes is not None and reader.bytes_read > max_bytes:
-        raise BodyTooLarge(f"the request body is larger than the upload limit of {max_bytes} bytes")
+            failures.append((number, uids, _failure_reason(result, uids), result.reason))
+    for number, uids, code, text in sorted(failures, key=lambda failure: failure[0]):
+        _fail(outcome, urls, number, uids, code, text)
+    if stop:
+        raise stop[0]
+
+
+class _PartBody:
+    """A part's bytes on their way to the store. A defect of the multipart body met
+    while reading them is kept in `stop` and ends this part as unreadable (an OSError,
+    which the store turns into this file's rejection), so that the parts before it are
+    still stored before the request fails with the defect."""
+
+    def __init__(self, stream: BinaryIO, stop: list[Exception]) -> None:
+        self.stream, self.stop = stream, stop
+        self.broken = False
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.stream.read(size)
+        except (MalformedMultipart, BodyTooLarge) as exc:
+            self.broken = True
+            self.stop.append(exc)
+            raise OSError(str(exc)) from None
 
 
 def _stored(outcome: StowOutcome, urls: Urls, result: IngestResult) -> None:

@@ -360,7 +360,8 @@ class InstanceUploadApi(ApiView):
                     "no files: send one or more multipart fields named 'file', or one application/dicom body",
                     status.HTTP_400_BAD_REQUEST,
                 )
-            results = [services.instance_ingest(source=upload, name=upload.name) for upload in files]
+            # One transaction per batch of files (services.INGEST_BATCH), not per file.
+            results = services.instances_ingest((upload, upload.name) for upload in files)
         counts = {outcome: sum(r.outcome == outcome for r in results) for outcome in Outcome}
         body = {
             "stored": counts[Outcome.STORED],

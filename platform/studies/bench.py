@@ -20,6 +20,7 @@ import subprocess
 import threading
 import time
 import uuid
+import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -447,6 +448,28 @@ def batches(files: Sequence[BenchFile], size: int) -> list[BenchFile]:
     return out
 
 
+def zip_batches(files: Sequence[BenchFile], size: int) -> list[BenchFile]:
+    """Group files `size` at a time into ZIP archives (stored, not compressed): how
+    Orthanc's `POST /instances` takes several files in one request."""
+    out = []
+    for start in range(0, len(files), size):
+        group = files[start : start + size]
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+            for file in group:
+                archive.writestr(file.name, file.data)
+        out.append(
+            BenchFile(
+                name=f"{group[0].name} (+{len(group) - 1})",
+                data=buffer.getvalue(),
+                sop_instance_uid=group[0].sop_instance_uid,
+                count=len(group),
+                dicom_bytes=sum(f.size for f in group),
+            )
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class PreparedUpload(HttpUpload):
     """A body built beforehand (`batches`): sent as it is."""
@@ -483,9 +506,11 @@ def rest_upload(token: str, *, raw: bool = True) -> HttpUpload:
     )
 
 
-def orthanc_upload() -> HttpUpload:
-    """Orthanc's REST `POST /instances` takes the raw Part 10 bytes as the body."""
-    return HttpUpload(path="/instances", headers={"Content-Type": "application/dicom"}, expect=frozenset({200}))
+def orthanc_upload(*, archive: bool = False) -> HttpUpload:
+    """Orthanc's REST `POST /instances` takes the raw Part 10 bytes as the body, or a
+    ZIP archive of several files (`zip_batches`)."""
+    content_type = "application/zip" if archive else "application/dicom"
+    return HttpUpload(path="/instances", headers={"Content-Type": content_type}, expect=frozenset({200}))
 
 
 class HttpWorker:
@@ -751,11 +776,10 @@ PROFILE_PHASES: tuple[tuple[str, str, str], ...] = (
     ("    write", "~", "<method 'write' of '_io.BufferedWriter' objects>"),
     ("  parse + validate: read_header", "studies/dicom.py", "read_header"),
     ("    pydicom dcmread", "pydicom/filereader.py", "dcmread"),
-    ("  advisory lock", "studies/services.py", "__enter__"),
-    ("  advisory unlock", "studies/services.py", "__exit__"),
-    ("  store.commit: rename + dir fsync", "studies/storage.py", "commit"),
+    ("  advisory locks", "studies/services.py", "_lock_instances"),
+    ("  store.commit_many: rename + folder fsync", "studies/storage.py", "commit_many"),
     ("  os.fsync, all (spool file + folder)", "~", "<built-in method posix.fsync>"),
-    ("  _create_rows (transaction)", "studies/services.py", "_create_rows"),
+    ("  rows: INSERT, lookups, new series", "studies/services.py", "_insert_or_find"),
     ("  SQL round trips (all)", "django/db/backends/utils.py", "_execute"),
     ("  spooled.discard", "studies/storage.py", "discard"),
 )

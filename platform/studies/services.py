@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -68,6 +69,24 @@ def dicom_store() -> DicomStore:
     return DicomStore(settings.PRECEDENT_HOME, fsync=settings.PRECEDENT_FSYNC)
 
 
+# At most this many files share a transaction: its advisory locks (one per
+# SOPInstanceUID) and spooled temp files are bounded, and a batch is large enough that
+# the commit's WAL flush and the folder syncs are paid once for many files.
+INGEST_BATCH = 32
+
+IngestItem = tuple[BinaryIO | Path, str]
+
+
+@dataclass
+class _Received:
+    """A file spooled and validated, waiting for its batch's transaction."""
+
+    index: int  # its place among the caller's items
+    name: str
+    spooled: Spooled
+    header: DicomHeader
+
+
 def instance_ingest(*, source: BinaryIO | Path, name: str = "") -> IngestResult:
     """Store one DICOM file, or say in one line why not. Never raises for bad input.
 
@@ -78,79 +97,191 @@ def instance_ingest(*, source: BinaryIO | Path, name: str = "") -> IngestResult:
     transaction that writes the rows, so a file is only ever placed or removed by the
     one request that holds it.
     """
+    return instances_ingest([(source, name)])[0]
+
+
+def instances_ingest(items: Iterable[IngestItem], *, batch_size: int = INGEST_BATCH) -> list[IngestResult]:
+    """`instance_ingest` for several files (source, name), one result per item, in order.
+
+    Items are read one after the other (a stream may be the next part of a request
+    body), spooled and validated; each run of up to `batch_size` valid files is then
+    stored in one transaction: one lock statement, one INSERT, one commit and one round
+    of folder syncs for all of them. A file's result does not depend on its batch: a
+    conflict or a duplicate is that file's outcome alone. A repeat of a SOPInstanceUID
+    earlier in the same batch is decided after the first one is committed, as if it had
+    come in the next request. An unexpected error (the database going away) raises:
+    the batches before it are stored, the one under way leaves nothing behind.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
     store = dicom_store()
-    name = name or (source.name if isinstance(source, Path) else "")
+    results: list[IngestResult | None] = []
+    batch: list[_Received] = []
+    try:
+        for source, name in items:
+            name = name or (source.name if isinstance(source, Path) else "")
+            received = _receive(store, source, name, index=len(results))
+            if isinstance(received, IngestResult):
+                results.append(received)
+                continue
+            results.append(None)
+            batch.append(received)
+            if len(batch) >= batch_size:
+                _decide(results, _store_batch(store, batch))
+                batch = []
+        if batch:
+            _decide(results, _store_batch(store, batch))
+            batch = []
+    finally:
+        for received in batch:  # an error before its batch was stored
+            received.spooled.discard()
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
+def _receive(store: DicomStore, source: BinaryIO | Path, name: str, *, index: int) -> _Received | IngestResult:
+    """Spool and validate one file: what its batch will store, or why it is rejected."""
     try:
         spooled = store.spool(source, max_bytes=settings.PRECEDENT_MAX_UPLOAD_BYTES)
     except IngestError as exc:
         return _rejected(name, exc)
     try:
         _ds, header = dicom.read_header(spooled.path)
-        outcome, instance = _store(store, spooled, header)
     except IngestError as exc:
-        return _rejected(name, exc)
-    finally:
         spooled.discard()
-    log.debug("%s %s from %s", outcome, header.sop_instance_uid, name)
-    if outcome == Outcome.STORED:
+        return _rejected(name, exc)
+    except BaseException:
+        spooled.discard()
+        raise
+    return _Received(index=index, name=name, spooled=spooled, header=header)
+
+
+def _decide(results: list[IngestResult | None], decided: list[tuple[_Received, IngestResult]]) -> None:
+    for received, result in decided:
+        results[received.index] = result
+
+
+def _store_batch(store: DicomStore, batch: list[_Received]) -> list[tuple[_Received, IngestResult]]:
+    """Store a batch: every first occurrence of a SOPInstanceUID in one transaction, then
+    each repeat on its own (it is then a duplicate of, or a conflict with, the first)."""
+    firsts: dict[str, _Received] = {}
+    repeats: list[_Received] = []
+    for received in batch:
+        if received.header.sop_instance_uid in firsts:
+            repeats.append(received)
+        else:
+            firsts[received.header.sop_instance_uid] = received
+    decided: list[tuple[_Received, IngestResult]] = []
+    try:
+        for group in ([*firsts.values()], *([r] for r in repeats)):
+            for received, outcome in zip(group, _store(store, group), strict=True):
+                decided.append((received, _outcome_result(received, outcome)))
+    finally:
+        for received in batch:
+            received.spooled.discard()
+    return decided
+
+
+def _outcome_result(received: _Received, outcome: tuple[Outcome, Instance] | IngestError) -> IngestResult:
+    if isinstance(outcome, IngestError):
+        return _rejected(received.name, outcome)
+    kind, instance = outcome
+    log.debug("%s %s from %s", kind, received.header.sop_instance_uid, received.name)
+    if kind == Outcome.STORED:
         # Immediately when not in an outer transaction; otherwise once that commits.
         transaction.on_commit(lambda: instance_stored.send(sender=Instance, instance=instance))
-    return _result(name, outcome, 201 if outcome == Outcome.STORED else 200, instance, header)
+    return _result(received.name, kind, 201 if kind == Outcome.STORED else 200, instance, received.header)
 
 
-def _store(store: DicomStore, spooled: Spooled, header: DicomHeader) -> tuple[Outcome, Instance]:
-    """Place the file and insert its row in one transaction, under the SOP UID's lock.
+def _store(store: DicomStore, group: list[_Received]) -> list[tuple[Outcome, Instance] | IngestError]:
+    """Place the files and insert their rows in one transaction, under their SOP UIDs'
+    locks; one outcome per file of `group` (SOP UIDs distinct).
 
-    The common case (an instance of a series already stored) costs three round trips:
-    lock, INSERT … SELECT … ON CONFLICT DO NOTHING, COMMIT. Only when that inserts
-    nothing do we look for an existing row (duplicate or conflict) or create the
-    patient, study and series first.
+    The common case (instances of series already stored) costs three round trips for
+    the whole group: lock, INSERT … SELECT … ON CONFLICT DO NOTHING, COMMIT. Only the
+    files that inserted nothing are looked up (duplicate or conflict) or get their
+    patient, study and series created first.
     """
-    created = False
+    placed: list[tuple[str, bool]] = []
+    committing = False
     try:
         with transaction.atomic():
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [header.sop_instance_uid])
-            relative, created = store.commit(spooled)
+            _lock_instances([r.header.sop_instance_uid for r in group])
+            placed = store.commit_many([r.spooled for r in group])
             try:
-                outcome, instance = _insert_or_find(header, relative, spooled)
-                if outcome == Outcome.DUPLICATE and created:
-                    store.remove(relative)  # the same dataset under another File Meta: keep the first copy
-                return outcome, instance
+                outcomes = _insert_or_find(group, [relative for relative, _ in placed])
+                for (relative, created), outcome in zip(placed, outcomes, strict=True):
+                    if created and (isinstance(outcome, IngestError) or outcome[0] != Outcome.STORED):
+                        # A conflict's file, or the same dataset under another File
+                        # Meta (a duplicate): keep the first copy only.
+                        store.remove(relative)
             except BaseException:
-                # Still inside the transaction, so still holding the lock: nobody else
-                # can have placed a row on this file.
-                if created:
-                    store.remove(relative)
-                created = False
+                # Still inside the transaction, so still holding the locks: nobody
+                # else can have placed a row on these files.
+                for relative, created in placed:
+                    if created:
+                        store.remove(relative)
+                placed = []
                 raise
-    except IngestError:
-        raise
+            committing = True
+        return outcomes
     except BaseException:
-        # The commit itself failed (the lock is gone with the transaction): take the
-        # lock again before deciding whether the file we placed is anyone's.
-        if created:
-            _remove_if_unreferenced(store, relative, header.sop_instance_uid, spooled.sha256)
+        if committing:
+            # The commit itself failed (the locks are gone with the transaction): take
+            # them again before deciding whether the files we placed are anyone's.
+            for received, (relative, created) in zip(group, placed, strict=True):
+                if created:
+                    _remove_if_unreferenced(store, relative, received.header.sop_instance_uid, received.spooled.sha256)
         raise
 
 
-def _insert_or_find(header: DicomHeader, relative: str, spooled: Spooled) -> tuple[Outcome, Instance]:
-    instance = _insert_instance(header, relative, spooled)
-    if instance is not None:
-        return Outcome.STORED, instance
-    existing = Instance.objects.filter(sop_instance_uid=header.sop_instance_uid).first()
-    if existing is not None:
-        if not _same_content(existing, spooled):
-            raise InstanceConflict(
-                f"SOPInstanceUID {header.sop_instance_uid} is already stored with different content"
-                f" (stored: {existing.transfer_syntax_name}, {existing.size} bytes;"
-                f" this file: {header.transfer_syntax_name}, {spooled.size} bytes)"
-            )
-        return Outcome.DUPLICATE, existing
-    _create_series(header)
-    instance = _insert_instance(header, relative, spooled)
-    assert instance is not None, "the series was just created under this transaction"
-    return Outcome.STORED, instance
+def _lock_instances(sop_instance_uids: list[str]) -> None:
+    """Take the transaction's advisory locks on these SOP UIDs, in one statement and in
+    the order of their keys, so two batches that share instances cannot deadlock."""
+    with connection.cursor() as cursor:
+        if len(sop_instance_uids) == 1:  # one file: the plain statement, planned faster
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", sop_instance_uids)
+            return
+        cursor.execute(
+            "SELECT count(pg_advisory_xact_lock(k)) FROM"
+            " (SELECT DISTINCT hashtextextended(u, 0) AS k FROM unnest(%s::text[]) AS u ORDER BY k) AS keys",
+            [sop_instance_uids],
+        )
+
+
+def _insert_or_find(group: list[_Received], relatives: list[str]) -> list[tuple[Outcome, Instance] | IngestError]:
+    rows = _insert_instances(group, relatives)
+    outcomes: dict[str, tuple[Outcome, Instance] | IngestError] = {
+        uid: (Outcome.STORED, instance) for uid, instance in rows.items()
+    }
+    missing = [(r, rel) for r, rel in zip(group, relatives, strict=True) if r.header.sop_instance_uid not in rows]
+    if missing:
+        uids = [r.header.sop_instance_uid for r, _ in missing]
+        existing = Instance.objects.in_bulk(uids, field_name="sop_instance_uid")
+        new_series: list[tuple[_Received, str]] = []
+        for received, relative in missing:
+            uid = received.header.sop_instance_uid
+            found = existing.get(uid)
+            if found is None:
+                new_series.append((received, relative))
+            elif _same_content(found, received.spooled):
+                outcomes[uid] = (Outcome.DUPLICATE, found)
+            else:
+                outcomes[uid] = InstanceConflict(
+                    f"SOPInstanceUID {uid} is already stored with different content"
+                    f" (stored: {found.transfer_syntax_name}, {found.size} bytes;"
+                    f" this file: {received.header.transfer_syntax_name}, {received.spooled.size} bytes)"
+                )
+        if new_series:
+            created_series: set[str] = set()
+            for received, _ in new_series:
+                if received.header.series_instance_uid not in created_series:
+                    _create_series(received.header)
+                    created_series.add(received.header.series_instance_uid)
+            rows = _insert_instances([r for r, _ in new_series], [rel for _, rel in new_series])
+            assert len(rows) == len(new_series), "their series were just created under this transaction"
+            outcomes.update((uid, (Outcome.STORED, instance)) for uid, instance in rows.items())
+    return [outcomes[r.header.sop_instance_uid] for r in group]
 
 
 def _same_content(existing: Instance, spooled: Spooled) -> bool:
@@ -208,37 +339,59 @@ def _instance_fields(h: DicomHeader, relative: str, sha256: str, size: int, data
     }
 
 
-def _insert_instance(h: DicomHeader, relative: str, spooled: Spooled) -> Instance | None:
-    """INSERT the instance into its series found by UID, in one statement.
+def _insert_instances(group: list[_Received], relatives: list[str]) -> dict[str, Instance]:
+    """INSERT the instances into their series found by UID, in one statement.
 
-    Returns None when nothing was inserted: the SOP UID is already stored, or the
-    series does not exist yet. Raw SQL because the ORM's get-then-create chain costs
-    five round trips per instance, which measured as most of the ingest time.
+    Returns the inserted instances by SOP UID; an instance is missing when its SOP UID
+    is already stored or its series does not exist yet. Raw SQL because the ORM's
+    get-then-create chain costs five round trips per instance, which measured as most
+    of the ingest time.
     """
-    fields = _instance_fields(h, relative, spooled.sha256, spooled.size, spooled.dataset_sha256)
-    sql = _insert_instance_sql(tuple(fields))
+    rows = [
+        _instance_fields(r.header, rel, r.spooled.sha256, r.spooled.size, r.spooled.dataset_sha256)
+        for r, rel in zip(group, relatives, strict=True)
+    ]
+    names = tuple(rows[0])
+    params: list[Any] = []
+    for received, fields in zip(group, rows, strict=True):
+        params.extend(fields.values())
+        params.append(received.header.series_instance_uid)
     with connection.cursor() as cursor:
-        cursor.execute(sql, [*fields.values(), h.series_instance_uid])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    instance = Instance(id=row[0], series_id=row[1], created_at=row[2], **fields)
-    instance._state.adding = False
-    return instance
+        cursor.execute(_insert_instances_sql(names, len(rows)), params)
+        inserted = cursor.fetchall()
+    by_uid = {fields["sop_instance_uid"]: fields for fields in rows}
+    instances = {}
+    for pk, series_id, created_at, uid in inserted:
+        instance = Instance(id=pk, series_id=series_id, created_at=created_at, **by_uid[uid])
+        instance._state.adding = False
+        instances[uid] = instance
+    return instances
 
 
 @functools.cache
-def _insert_instance_sql(names: tuple[str, ...]) -> str:
+def _insert_instances_sql(names: tuple[str, ...], count: int) -> str:
     meta = Instance._meta
-    columns = ", ".join(f'"{meta.get_field(name).column}"' for name in names)
-    placeholders = ", ".join(["%s"] * len(names))
+    fields = [meta.get_field(name) for name in names]
+    columns = ", ".join(f'"{f.column}"' for f in fields)
+    # Typed placeholders: a VALUES column of NULLs alone would otherwise be text.
+    row = "(" + ", ".join(f"%s::{_sql_type(f)}" for f in fields) + ", %s::text)"
+    values = ", ".join([row] * count)
+    aliases = ", ".join(f"c{i}" for i in range(len(fields)))
     return (
         f'INSERT INTO "{meta.db_table}" ({columns}, "series_id", "created_at") '
-        f"SELECT {placeholders}, s.id, now() "
-        f'FROM "{Series._meta.db_table}" s WHERE s.series_instance_uid = %s '
+        f"SELECT {aliases}, s.id, now() "
+        f"FROM (VALUES {values}) AS v({aliases}, series_uid) "
+        f'JOIN "{Series._meta.db_table}" s ON s.series_instance_uid = v.series_uid '
         f'ON CONFLICT ("{meta.get_field("sop_instance_uid").column}") DO NOTHING '
-        "RETURNING id, series_id, created_at"
+        f'RETURNING id, series_id, created_at, "{meta.get_field("sop_instance_uid").column}"'
     )
+
+
+def _sql_type(field: Any) -> str:
+    """The column's type for a cast: text for character columns (their length is
+    checked on assignment, as for any INSERT), the column type otherwise."""
+    db_type = field.db_type(connection)
+    return "text" if db_type.startswith(("varchar", "char")) else db_type
 
 
 def _create_series(h: DicomHeader) -> Series:

@@ -207,6 +207,28 @@ def test_a_truncated_body_after_stored_parts_says_what_was_stored(base_url, auth
     assert Instance.objects.count() == 1
 
 
+def test_a_body_cut_inside_a_large_part_stores_the_parts_before_it(base_url, auth, dicom_files, settings):
+    """The cut falls past the first MiB of a part, so the store is reading the part when
+    the body ends: the parts before it are stored (they share its batch), the cut part
+    leaves no file behind, and the request fails with the defect."""
+    large = pydicom.dcmread(dicom_files / CT)
+    large.SOPInstanceUID = generate_uid()
+    large.Rows = large.Columns = 1024
+    large.PixelData = np.zeros((1024, 1024), dtype=np.int16).tobytes()
+    buffer = io.BytesIO()
+    large.save_as(buffer, enforce_file_format=True)
+    body = multipart((dicom_files / CT).read_bytes(), (dicom_files / MR).read_bytes())
+    body = body[: -len(b"--test-boundary-1--\r\n")]
+    body += b"--test-boundary-1\r\nContent-Type: application/dicom\r\n\r\n" + buffer.getvalue()[: 3 * 1024 * 1024 // 2]
+    response = stow(base_url, auth, body)
+    assert response.status_code == 400
+    assert "ends before the closing boundary (the 2 instance(s) before it were stored)" in response.json()["error"]
+    assert Instance.objects.count() == 2
+    home = settings.PRECEDENT_HOME
+    assert len(list((home / "dicom").rglob("*.dcm"))) == 2
+    assert list((home / "tmp").iterdir()) == []
+
+
 def test_a_part_of_another_type_fails_alone(base_url, auth, dicom_files):
     body = (
         b"--b\r\nContent-Type: image/jpeg\r\n\r\n\xff\xd8\xff\r\n"

@@ -176,6 +176,24 @@ def test_orthanc_reference(tmp_path, precedent_home):
     _assert_nothing_left(precedent_home)
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(not ORTHANC_BINARY.exists(), reason="Orthanc is not installed (apt-get install orthanc)")
+def test_batches_go_to_orthanc_as_zip_archives(tmp_path, precedent_home):
+    """Several files per request on both sides: our multipart batch, Orthanc's ZIP body;
+    Orthanc answering 200 to each archive is what counts it as stored."""
+    figures, output = _run(
+        tmp_path,
+        *("--n", "4", "--kinds", "ct", "--clients", "1", "--warmup", "2", "--rounds", "1"),
+        *("--no-service", "--rest-body", "batch", "--batch-size", "2"),
+    )
+    results = {(r["path"], r["clients"]): r for r in figures["results"]}
+    assert set(results) == {("rest-batch2", 1), ("orthanc", 1), ("orthanc-zip2", 1)}
+    for result in results.values():
+        _assert_figures(result, 4)
+    assert "ct × 1 client(s): rest-batch2 " in output and "vs orthanc-zip2 " in output
+    _assert_nothing_left(precedent_home)
+
+
 @pytest.mark.django_db(transaction=True)  # files go when the deletion commits
 def test_missing_orthanc_is_reported_and_keep_then_purge(tmp_path, precedent_home):
     figures, output = _run(

@@ -96,14 +96,15 @@ def test_an_unforeseen_error_on_one_file_does_not_stop_the_walk(dicom_files: Pat
     ends with its summary."""
     from studies.management.commands import ingest
 
-    real = ingest.services.instance_ingest
+    real = ingest.services._receive
 
-    def failing_on_mr(*, source, name):
+    def failing_on_mr(store, source, name, *, index):
         if name.endswith("MR_small.dcm"):
             raise RuntimeError("something nobody foresaw\nsecond line")
-        return real(source=source, name=name)
+        return real(store, source, name, index=index)
 
-    monkeypatch.setattr(ingest.services, "instance_ingest", failing_on_mr)
+    # Inside the service, so that the batch the two files share fails as a whole first.
+    monkeypatch.setattr(ingest.services, "_receive", failing_on_mr)
     tf = dicom_files / "pydicom-test_files"
     out = run("--jobs", jobs, str(tf / "MR_small.dcm"), str(tf / "CT_small.dcm"))
     assert "1 stored, 0 duplicate, 1 rejected" in out

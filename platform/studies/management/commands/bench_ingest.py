@@ -248,11 +248,19 @@ class Command(BaseCommand):
                 else:
                     upload = bench.rest_upload(servers.token, raw=body == "raw")
                     targets.append(("rest" if body == "raw" else "rest-multipart", servers.rest_port, upload))
+        zip_path = f"orthanc-zip{options['batch_size']}"
         if servers.orthanc_port is not None:
             targets.append(("orthanc", servers.orthanc_port, bench.orthanc_upload()))
+            if servers.rest_port is not None and "batch" in options["rest_body"]:
+                # The same files per request for Orthanc: its POST /instances takes a ZIP.
+                targets.append((zip_path, servers.orthanc_port, bench.orthanc_upload(archive=True)))
 
         def requests(files: list[BenchFile], path: str) -> list[BenchFile]:
-            return bench.batches(files, options["batch_size"]) if path == batch_path else files
+            if path == batch_path:
+                return bench.batches(files, options["batch_size"])
+            if path == zip_path:
+                return bench.zip_batches(files, options["batch_size"])
+            return files
 
         rounds: dict[tuple[str, int], list[Figures]] = {}
         for r in range(options["rounds"]):
@@ -440,6 +448,10 @@ class Command(BaseCommand):
         self.stdout.write(bench.format_table(rows))
         for line in bench.ratios(rows):
             self.stdout.write(line)
+        # Several files per request on both sides: our multipart batch against Orthanc's ZIP.
+        for batch in sorted({f.path for f in rows if f.path.startswith("rest-batch")}):
+            for line in bench.ratios(rows, ours=batch, reference=batch.replace("rest-batch", "orthanc-zip")):
+                self.stdout.write(line)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"conditions": conditions, "results": [f.as_dict() for f in rows]}, indent=2))
         self.stdout.write(f"figures written to {out}")

@@ -103,6 +103,27 @@ class Command(BaseCommand):
         )
 
 
+# Files stored per transaction by each job: the commit and the folder syncs are paid
+# once per chunk, and the progress bar still moves often.
+CHUNK = 16
+
+
+def _ingest_chunk(chunk: list[Path | IngestResult]) -> list[IngestResult]:
+    """The results of a run of files, stored in one batch (`services.instances_ingest`).
+
+    When the batch trips an error the service did not foresee, nothing of it was stored,
+    and each file is tried again on its own: the file behind the error is reported as
+    rejected, with the traceback in the log, and the walk goes on.
+    """
+    paths = [item for item in chunk if isinstance(item, Path)]
+    try:
+        stored = iter(services.instances_ingest(((p, str(p)) for p in paths), batch_size=len(paths) or 1))
+    except Exception:
+        log.warning("a batch of %d files failed; storing them one by one", len(paths), exc_info=True)
+        return [_ingest(item) for item in chunk]
+    return [item if isinstance(item, IngestResult) else next(stored) for item in chunk]
+
+
 def _ingest(item: Path | IngestResult) -> IngestResult:
     """One file's result. A file that trips an error the service did not foresee is
     reported as rejected, with the traceback in the log, and the walk goes on: the
@@ -121,46 +142,48 @@ def _ingest(item: Path | IngestResult) -> IngestResult:
 def _ingest_all(items: list[Path | IngestResult], *, jobs: int, progress: tqdm) -> list[IngestResult]:
     """Every item's result, in the order of `items`, stored by `jobs` threads.
 
-    Each thread takes the next file until none is left, on its own database connection,
-    which it closes when it is done (the embedded PostgreSQL should not keep one per
-    thread after the command). Only an interrupt (Ctrl-C) in a thread stops the command.
+    Each thread takes the next chunk of files until none is left, on its own database
+    connection, which it closes when it is done (the embedded PostgreSQL should not keep
+    one per thread after the command). Only an interrupt (Ctrl-C) in a thread stops the
+    command.
     """
+    chunks = [items[start : start + CHUNK] for start in range(0, len(items), CHUNK)]
     if jobs == 1:
         results = []
-        for item in items:
-            results.append(_ingest(item))
-            progress.update(1)
+        for chunk in chunks:
+            results.extend(_ingest_chunk(chunk))
+            progress.update(len(chunk))
         return results
     todo: queue.SimpleQueue = queue.SimpleQueue()
-    for index, item in enumerate(items):
-        todo.put((index, item))
+    for index, chunk in enumerate(chunks):
+        todo.put((index, chunk))
     done: queue.SimpleQueue = queue.SimpleQueue()
 
     def work() -> None:
         try:
             while True:
                 try:
-                    index, item = todo.get_nowait()
+                    index, chunk = todo.get_nowait()
                 except queue.Empty:
                     return
                 try:
-                    done.put((index, _ingest(item)))
+                    done.put((index, _ingest_chunk(chunk)))
                 except BaseException as exc:  # handed to the main thread, which raises it
                     done.put((index, exc))
                     return
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=work, name=f"ingest-{n}", daemon=True) for n in range(min(jobs, len(items)))]
+    threads = [threading.Thread(target=work, name=f"ingest-{n}", daemon=True) for n in range(min(jobs, len(chunks)))]
     for thread in threads:
         thread.start()
-    results: list[IngestResult | None] = [None] * len(items)
-    for _ in items:
+    by_chunk: list[list[IngestResult]] = [[] for _ in chunks]
+    for _ in chunks:
         index, result = done.get()
         if isinstance(result, BaseException):
             raise result
-        results[index] = result
-        progress.update(1)
+        by_chunk[index] = result
+        progress.update(len(result))
     for thread in threads:
         thread.join()
-    return results  # type: ignore[return-value]  # every index was filled
+    return [result for chunk in by_chunk for result in chunk]
