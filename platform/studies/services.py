@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Func, Value
 
-from . import dicom
+from . import dicom, storage
 from .dicom import DicomHeader, Window
 from .errors import IngestError, InstanceConflict
 from .models import Cohort, CohortMembership, Finding, Instance, Patient, Series, Study
@@ -289,7 +289,12 @@ def _same_content(existing: Instance, spooled: Spooled) -> bool:
     route's File Meta (a C-STORE after an upload, a re-export by a workstation)."""
     if existing.sha256 == spooled.sha256:
         return True
-    return bool(existing.dataset_sha256) and existing.dataset_sha256 == spooled.dataset_sha256
+    # Dataset hashes are computed only here, when a stored SOP UID comes back as other
+    # file bytes; the stored one is kept on its row for the next time.
+    if not existing.dataset_sha256:
+        existing.dataset_sha256 = storage.dataset_sha256(dicom_store().path(existing.file_path))
+        Instance.objects.filter(pk=existing.pk).update(dataset_sha256=existing.dataset_sha256)
+    return existing.dataset_sha256 == spooled.dataset_sha256
 
 
 def _remove_if_unreferenced(store: DicomStore, relative: str, sop_instance_uid: str, sha256: str) -> None:
@@ -316,7 +321,7 @@ def _result(name: str, outcome: Outcome, status: int, instance: Instance, header
     )
 
 
-def _instance_fields(h: DicomHeader, relative: str, sha256: str, size: int, dataset_sha256: str) -> dict[str, Any]:
+def _instance_fields(h: DicomHeader, relative: str, sha256: str, size: int) -> dict[str, Any]:
     return {
         "sop_instance_uid": h.sop_instance_uid,
         "sop_class_uid": h.sop_class_uid,
@@ -334,7 +339,7 @@ def _instance_fields(h: DicomHeader, relative: str, sha256: str, size: int, data
         "has_pixel_data": h.has_pixel_data,
         "file_path": relative,
         "sha256": sha256,
-        "dataset_sha256": dataset_sha256,
+        "dataset_sha256": "",  # computed when a duplicate check needs it (_same_content)
         "size": size,
     }
 
@@ -348,7 +353,7 @@ def _insert_instances(group: list[_Received], relatives: list[str]) -> dict[str,
     of the ingest time.
     """
     rows = [
-        _instance_fields(r.header, rel, r.spooled.sha256, r.spooled.size, r.spooled.dataset_sha256)
+        _instance_fields(r.header, rel, r.spooled.sha256, r.spooled.size)
         for r, rel in zip(group, relatives, strict=True)
     ]
     names = tuple(rows[0])

@@ -1,8 +1,7 @@
 """Content-addressed file store for DICOM files (no Django).
 
 A file is first spooled to a temporary file under the store while its SHA-256 is
-computed (the dataset's own hash and the sync to disk follow in the background), then
-validated, then moved to
+computed (the sync to disk follows in the background), then validated, then moved to
 `dicom/<aa>/<bb>/<sha256>.dcm` with an atomic rename once the sync is done. The same
 bytes always land on the same path, so storing twice is harmless and a half-written
 file never appears under its final name.
@@ -17,7 +16,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,9 +27,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 # The File Meta of a Part 10 file ends within this many bytes (it is a few hundred).
 META_WINDOW = 64 * 1024
 
-# hashlib and fsync release the GIL: a spooled file's dataset hash and its sync run on
-# this pool while the caller parses and validates it; `commit` waits for both before
-# the file gets its name. Two tasks per file, so `ingest --jobs 2` never queues.
+# fsync releases the GIL: a spooled file's sync runs on this pool while the caller
+# parses and validates it, and `commit` waits for it before the file gets its name;
+# the folder syncs of a batch run here side by side.
 _SYNC_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="precedent-fsync")
 
 
@@ -42,8 +41,8 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _dataset_sha256(path: str) -> str:
-    """The SHA-256 of what follows the File Meta, re-read from the page cache."""
+def dataset_sha256(path: Path | str) -> str:
+    """The SHA-256 of what follows the File Meta of a Part 10 file."""
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as fh:
         head = fh.read(META_WINDOW)
@@ -59,18 +58,24 @@ class Spooled:
 
     `dataset_sha256` hashes what follows the File Meta: the same instance sent by
     another route (C-STORE, a re-export) gets a File Meta of that route's own
-    (implementation UID and version, source AE), but the same dataset bytes.
+    (implementation UID and version, source AE), but the same dataset bytes. Only a
+    duplicate check needs it (a stored SOP UID arrives with other file bytes), so it is
+    computed when first asked for, from the spool or, once `commit` has run, from the
+    copy in the store.
     """
 
     path: Path
     sha256: str
     size: int
-    dataset: Future[str]  # the dataset hash, computed on the pool
     synced: Future[None] | None = None  # the fsync under way, when the store syncs
+    stored_at: Path | None = None  # the same bytes in the store, once committed
+    _dataset_sha256: str | None = field(default=None, repr=False)
 
     @property
     def dataset_sha256(self) -> str:
-        return self.dataset.result()
+        if self._dataset_sha256 is None:
+            self._dataset_sha256 = dataset_sha256(self.stored_at or self.path)
+        return self._dataset_sha256
 
     def wait_synced(self) -> None:
         """Block until the file's bytes are on disk (re-raises the fsync's error)."""
@@ -78,12 +83,11 @@ class Spooled:
             self.synced.result()
 
     def discard(self) -> None:
-        """Remove the temp file once the pool is done with it: its dataset hash stays
-        readable (a duplicate is recognised by it after the file is dropped)."""
-        for task in (self.dataset, self.synced):
-            if task is not None:
-                with contextlib.suppress(Exception):
-                    task.result()
+        """Remove the temp file once its sync is done (a committed file's copy in the
+        store stays where it is)."""
+        if self.synced is not None:
+            with contextlib.suppress(Exception):
+                self.synced.result()
         self.path.unlink(missing_ok=True)
 
 
@@ -168,9 +172,8 @@ class DicomStore:
             path=Path(name),
             sha256=digest.hexdigest(),
             size=size,
-            # Side by side on the pool (both release the GIL) while the caller parses.
+            # On the pool (it releases the GIL) while the caller parses.
             synced=_SYNC_POOL.submit(_fsync_path, name) if self.fsync else None,
-            dataset=_SYNC_POOL.submit(_dataset_sha256, name),
         )
 
     @staticmethod
@@ -205,12 +208,13 @@ class DicomStore:
                 target = self.path(relative)
                 if target.exists():
                     item.discard()
+                    item.stored_at = target
                     placed.append((relative, False))
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 item.wait_synced()  # never a name on bytes that are not on disk yet
-                item.dataset.result()  # and the hash reads the file under its temp name
                 os.replace(item.path, target)
+                item.stored_at = target
                 placed.append((relative, True))
                 folders[target.parent] = None
             if self.fsync and folders:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from rest_framework.test import APIClient
 
-from studies import services
+from studies import services, storage
 from studies.models import Instance, Patient, Study
 from tests.conftest import upload
 
@@ -366,6 +366,14 @@ def test_same_dataset_under_another_file_meta_is_a_duplicate(api, make_dicom, pr
     stored = Instance.objects.get()
     assert (precedent_home / stored.file_path).read_bytes() == first
     assert len(list((precedent_home / "dicom").rglob("*.dcm"))) == 1
+    # The dataset hash was computed for this check, and kept on the stored row.
+    assert stored.dataset_sha256 == storage.dataset_sha256(precedent_home / stored.file_path) != stored.sha256
+    # Other pixels under that SOP UID are still a conflict, not a duplicate.
+    ds.PixelData = bytes(len(ds.PixelData))
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    response = api.post("/api/v1/instances/", {"file": upload("c.dcm", buffer.getvalue())}, format="multipart")
+    assert response.status_code == 409
 
 
 def test_each_study_keeps_the_patient_details_its_images_give(api, make_dicom):

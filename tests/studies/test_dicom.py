@@ -193,31 +193,29 @@ def test_nul_padding_never_reaches_the_database(dicom_files: Path, tmp_path: Pat
     assert h.study_description == "HEAD"
 
 
-def test_a_dropped_spool_keeps_its_dataset_hash(dicom_files: Path, tmp_path: Path):
-    """A duplicate's temp file is dropped at once, but its dataset hash (computed on the
-    store's pool) is what recognises it: dropping must not lose it, even when the pool
-    had not started on it yet."""
-    import threading
+def test_the_dataset_hash_is_read_from_wherever_the_file_is(dicom_files: Path, tmp_path: Path):
+    """Only a duplicate check needs the dataset hash, after `commit`: by then the spool
+    was renamed into the store, or dropped because the same bytes were there already.
+    Either way the hash reads the copy in the store, and it skips the File Meta."""
+    import io
 
-    from studies import storage
+    from studies.storage import dataset_sha256
 
     store = DicomStore(tmp_path, fsync=False)
     source = dicom_files / TF / "CT_small.dcm"
-    expected = store.spool(source)
-    release = threading.Event()
-    busy = [storage._SYNC_POOL.submit(release.wait) for _ in range(storage._SYNC_POOL._max_workers)]  # all its threads
-    try:
-        spooled = store.spool(source)
-        assert not spooled.dataset.done()
-        dropper = threading.Thread(target=spooled.discard)
-        dropper.start()
-    finally:
-        release.set()
-    dropper.join(10)
-    assert all(b.result() for b in busy)
-    assert not spooled.path.exists()
-    assert spooled.dataset_sha256 == expected.dataset_sha256 != expected.sha256
-    expected.discard()
+    first, again = store.spool(source), store.spool(source)
+    expected = dataset_sha256(first.path)
+    assert store.commit(first)[1] is True and not first.path.exists()
+    assert store.commit(again)[1] is False and not again.path.exists()
+    assert first.dataset_sha256 == again.dataset_sha256 == expected != first.sha256
+    # Another File Meta (as another route writes it), the same dataset: the same hash.
+    ds = pydicom.dcmread(source)
+    ds.file_meta.ImplementationVersionName = "OTHER_ROUTE"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    other = store.spool(io.BytesIO(buffer.getvalue()))
+    assert other.sha256 != first.sha256 and other.dataset_sha256 == expected
+    other.discard()
 
 
 def _fresh_ct(dicom_files: Path, **changes) -> bytes:
