@@ -777,7 +777,7 @@ PROFILE_PHASES: tuple[tuple[str, str, str], ...] = (
     ("  parse + validate: read_header", "studies/dicom.py", "read_header"),
     ("    pydicom dcmread", "pydicom/filereader.py", "dcmread"),
     ("  advisory locks", "studies/services.py", "_lock_instances"),
-    ("  store.commit_many: rename + folder fsync", "studies/storage.py", "commit_many"),
+    ("  store.place: rename (folder fsync started)", "studies/storage.py", "place"),
     ("  os.fsync, all (spool file + folder)", "~", "<built-in method posix.fsync>"),
     ("  rows: INSERT, lookups, new series", "studies/services.py", "_insert_or_find"),
     ("  SQL round trips (all)", "django/db/backends/utils.py", "_execute"),

@@ -207,7 +207,8 @@ def _store(store: DicomStore, group: list[_Received]) -> list[tuple[Outcome, Ins
     try:
         with transaction.atomic():
             _lock_instances([r.header.sop_instance_uid for r in group])
-            placed = store.commit_many([r.spooled for r in group])
+            placement = store.place([r.spooled for r in group])
+            placed = placement.files
             try:
                 outcomes = _insert_or_find(group, [relative for relative, _ in placed])
                 for (relative, created), outcome in zip(placed, outcomes, strict=True):
@@ -215,12 +216,13 @@ def _store(store: DicomStore, group: list[_Received]) -> list[tuple[Outcome, Ins
                         # A conflict's file, or the same dataset under another File
                         # Meta (a duplicate): keep the first copy only.
                         store.remove(relative)
+                # The folder syncs ran beside the INSERT; the new names must be on
+                # disk before the rows that point at them commit.
+                placement.wait_synced()
             except BaseException:
                 # Still inside the transaction, so still holding the locks: nobody
                 # else can have placed a row on these files.
-                for relative, created in placed:
-                    if created:
-                        store.remove(relative)
+                store.remove_created(placed)
                 placed = []
                 raise
             committing = True

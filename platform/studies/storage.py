@@ -91,6 +91,20 @@ class Spooled:
         self.path.unlink(missing_ok=True)
 
 
+@dataclass
+class Placement:
+    """Files renamed into the store (relative path, created: not there before) whose
+    folders' syncs may still be under way."""
+
+    files: list[tuple[str, bool]]
+    syncs: list[Future[None]]
+
+    def wait_synced(self) -> None:
+        """Block until the new names are on disk (re-raises a sync's error)."""
+        for sync in self.syncs:
+            sync.result()
+
+
 def dataset_offset(head: bytes) -> int:
     """Where the dataset starts in a Part 10 file: after the 128-byte preamble, "DICM"
     and the File Meta group, whose length (0002,0000) comes first. 0 when `head` is not
@@ -192,13 +206,27 @@ class DicomStore:
         return self.commit_many([spooled])[0]
 
     def commit_many(self, spooled: Sequence[Spooled]) -> list[tuple[str, bool]]:
-        """`commit` for several files: each is renamed into place once its bytes are on
-        disk, then every folder that got a new name is synced, side by side on the pool
-        (a batch pays about one sync's wait, not one per file).
+        """`commit` for several files: `place`, then wait for the folders' syncs.
 
         When a rename or a sync fails, the files this call placed are removed again
         before the error is raised (the caller holds the lock on their instances, so
         no row can refer to them yet).
+        """
+        placement = self.place(spooled)
+        try:
+            placement.wait_synced()
+        except BaseException:
+            self.remove_created(placement.files)
+            raise
+        return placement.files
+
+    def place(self, spooled: Sequence[Spooled]) -> Placement:
+        """Rename each spooled file to its content address once its bytes are on disk,
+        and start syncing every folder that got a new name, side by side on the pool,
+        without waiting: the caller works meanwhile (inserts the rows) and calls
+        `Placement.wait_synced` before relying on the names (before committing rows
+        that point at them). When a rename fails, the files placed so far are removed
+        before the error is raised.
         """
         placed: list[tuple[str, bool]] = []
         folders: dict[Path, None] = {}
@@ -217,16 +245,17 @@ class DicomStore:
                 item.stored_at = target
                 placed.append((relative, True))
                 folders[target.parent] = None
-            if self.fsync and folders:
-                syncs = [_SYNC_POOL.submit(_fsync_path, str(folder)) for folder in folders]
-                for sync in syncs:
-                    sync.result()
         except BaseException:
-            for relative, created in placed:
-                if created:
-                    self.remove(relative)
+            self.remove_created(placed)
             raise
-        return placed
+        syncs = [_SYNC_POOL.submit(_fsync_path, str(folder)) for folder in folders] if self.fsync else []
+        return Placement(files=placed, syncs=syncs)
+
+    def remove_created(self, placed: Sequence[tuple[str, bool]]) -> None:
+        """Remove the files a `place` created (not those that were there already)."""
+        for relative, created in placed:
+            if created:
+                self.remove(relative)
 
     def remove(self, relative: str) -> None:
         self.path(relative).unlink(missing_ok=True)
