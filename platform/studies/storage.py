@@ -28,7 +28,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 META_WINDOW = 64 * 1024
 
 # fsync releases the GIL: a spooled file's sync runs on this pool while the caller
-# parses and validates it, and `commit` waits for it before the file gets its name;
+# parses and validates it, and `place` waits for it before the file gets its name;
 # the folder syncs of a batch run here side by side.
 _SYNC_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="precedent-fsync")
 
@@ -60,7 +60,7 @@ class Spooled:
     another route (C-STORE, a re-export) gets a File Meta of that route's own
     (implementation UID and version, source AE), but the same dataset bytes. Only a
     duplicate check needs it (a stored SOP UID arrives with other file bytes), so it is
-    computed when first asked for, from the spool or, once `commit` has run, from the
+    computed when first asked for, from the spool or, once `place` has run, from the
     copy in the store.
     """
 
@@ -197,36 +197,14 @@ class DicomStore:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
-    def commit(self, spooled: Spooled) -> tuple[str, bool]:
-        """Move a spooled file to its content address. Returns (relative path, created).
-
-        `created` is False when the same bytes were already stored; the spool is then
-        dropped and the existing file kept.
-        """
-        return self.commit_many([spooled])[0]
-
-    def commit_many(self, spooled: Sequence[Spooled]) -> list[tuple[str, bool]]:
-        """`commit` for several files: `place`, then wait for the folders' syncs.
-
-        When a rename or a sync fails, the files this call placed are removed again
-        before the error is raised (the caller holds the lock on their instances, so
-        no row can refer to them yet).
-        """
-        placement = self.place(spooled)
-        try:
-            placement.wait_synced()
-        except BaseException:
-            self.remove_created(placement.files)
-            raise
-        return placement.files
-
     def place(self, spooled: Sequence[Spooled]) -> Placement:
         """Rename each spooled file to its content address once its bytes are on disk,
         and start syncing every folder that got a new name, side by side on the pool,
         without waiting: the caller works meanwhile (inserts the rows) and calls
         `Placement.wait_synced` before relying on the names (before committing rows
-        that point at them). When a rename fails, the files placed so far are removed
-        before the error is raised.
+        that point at them). A file whose bytes are stored already is not placed again
+        (created False): its spool is dropped. When a rename fails, the files placed so
+        far are removed before the error is raised.
         """
         placed: list[tuple[str, bool]] = []
         folders: dict[Path, None] = {}

@@ -87,7 +87,9 @@ def test_a_synced_store_names_a_file_only_after_its_fsync(dicom_files: Path, tmp
     source = dicom_files / TF / "CT_small.dcm"
     spooled = store.spool(source)
     assert spooled.synced is not None  # syncing in the background while the caller parses
-    relative, created = store.commit(spooled)
+    placement = store.place([spooled])
+    placement.wait_synced()
+    [(relative, created)] = placement.files
     assert created and spooled.synced.done()
     assert store.path(relative).read_bytes() == source.read_bytes()
 
@@ -96,7 +98,7 @@ def test_a_synced_store_names_a_file_only_after_its_fsync(dicom_files: Path, tmp
     failed.synced = Future()
     failed.synced.set_exception(OSError(5, "Input/output error"))
     with pytest.raises(OSError, match="Input/output error"):
-        store.commit(failed)
+        store.place([failed])
     assert not store.path(store.relative_path(failed.sha256)).exists()
     failed.discard()
 
@@ -194,7 +196,7 @@ def test_nul_padding_never_reaches_the_database(dicom_files: Path, tmp_path: Pat
 
 
 def test_the_dataset_hash_is_read_from_wherever_the_file_is(dicom_files: Path, tmp_path: Path):
-    """Only a duplicate check needs the dataset hash, after `commit`: by then the spool
+    """Only a duplicate check needs the dataset hash, after `place`: by then the spool
     was renamed into the store, or dropped because the same bytes were there already.
     Either way the hash reads the copy in the store, and it skips the File Meta."""
     import io
@@ -205,8 +207,8 @@ def test_the_dataset_hash_is_read_from_wherever_the_file_is(dicom_files: Path, t
     source = dicom_files / TF / "CT_small.dcm"
     first, again = store.spool(source), store.spool(source)
     expected = dataset_sha256(first.path)
-    assert store.commit(first)[1] is True and not first.path.exists()
-    assert store.commit(again)[1] is False and not again.path.exists()
+    assert store.place([first]).files[0][1] is True and not first.path.exists()
+    assert store.place([again]).files[0][1] is False and not again.path.exists()
     assert first.dataset_sha256 == again.dataset_sha256 == expected != first.sha256
     # Another File Meta (as another route writes it), the same dataset: the same hash.
     ds = pydicom.dcmread(source)
