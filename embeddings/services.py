@@ -33,6 +33,7 @@ from django.db import connection, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
+from precedent.db import write_while_targets_exist
 from precedent.tasks import enqueue, job
 from studies import dicom
 from studies.errors import RenderError
@@ -486,14 +487,24 @@ def _store_vectors(
                 vector=np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
             )
         )
-    with transaction.atomic():
+
+    def write() -> list[Embedding]:
+        # An image or a finding deleted while its batch was embedded gets no row.
+        instances = set(Instance.objects.filter(pk__in={r.instance_id for r in rows}).values_list("pk", flat=True))
+        findings = set(
+            Finding.objects.filter(pk__in={r.finding_id for r in rows if r.finding_id}).values_list("pk", flat=True)
+        )
+        kept = [r for r in rows if r.instance_id in instances and (r.finding_id is None or r.finding_id in findings)]
         if replace:
-            rows = _replacing(encoder, rows)
+            kept = _replacing(encoder, kept)
         # Another worker may have embedded the same instance meanwhile: the unique
         # constraints keep one row, and the loser's vectors are dropped.
-        Embedding.objects.bulk_create(rows, ignore_conflicts=True)
-    report.regions += sum(1 for r in rows if r.kind == Kind.REGION)
-    report.images += sum(1 for r in rows if r.kind == Kind.IMAGE)
+        Embedding.objects.bulk_create(kept, ignore_conflicts=True)
+        return kept
+
+    stored = write_while_targets_exist(write)
+    report.regions += sum(1 for r in stored if r.kind == Kind.REGION)
+    report.images += sum(1 for r in stored if r.kind == Kind.IMAGE)
 
 
 def _replacing(encoder: EncoderVersion, rows: list[Embedding]) -> list[Embedding]:

@@ -39,6 +39,7 @@ from django.db import transaction
 from django.utils import timezone
 from tqdm.auto import tqdm
 
+from precedent.db import write_while_targets_exist
 from precedent.tasks import enqueue, job
 from studies.errors import RenderError
 from studies.models import Cohort, Finding, Instance, Series, Study
@@ -155,16 +156,29 @@ def assess_study_images(study: Study, *, recheck: bool = False) -> list[ImageQua
                 metrics=verdict.metrics,
             )
         )
-    # One statement for the whole study (a CT series is hundreds of images); a verdict
-    # a concurrent run wrote meanwhile is replaced by this one, as update_or_create did.
-    ImageQuality.objects.bulk_create(
-        checked,
-        batch_size=500,
-        update_conflicts=True,
-        unique_fields=["instance"],
-        update_fields=["assessable", "task", "reasons", "metrics", "checked_at"],
-    )
+    store_verdicts(checked)
     return list(ImageQuality.objects.filter(instance__series__study=study).order_by("instance_id"))
+
+
+def store_verdicts(verdicts: Sequence[ImageQuality]) -> None:
+    """Store quality verdicts, in one statement for the whole study (a CT series is
+    hundreds of images). A verdict a concurrent run wrote meanwhile is replaced by this
+    one; an image deleted while it was being checked gets none."""
+
+    def write() -> None:
+        alive = set(Instance.objects.filter(pk__in=[v.instance_id for v in verdicts]).values_list("pk", flat=True))
+        kept = [v for v in verdicts if v.instance_id in alive]
+        for verdict in kept:
+            verdict.pk = None  # an attempt rolled back had given it an id
+        ImageQuality.objects.bulk_create(
+            kept,
+            batch_size=500,
+            update_conflicts=True,
+            unique_fields=["instance"],
+            update_fields=["assessable", "task", "reasons", "metrics", "checked_at"],
+        )
+
+    write_while_targets_exist(write)
 
 
 def assess_cohort_images(cohort: Cohort, *, progress: bool = False) -> int:

@@ -1,10 +1,14 @@
-"""Database helpers shared by commands."""
+"""Database helpers shared by commands and background jobs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import quote, urlencode
 
-from django.db import connection
+from django.db import IntegrityError, connection, transaction
+
+T = TypeVar("T")
 
 
 def connection_url() -> str:
@@ -29,3 +33,23 @@ def connection_url() -> str:
         query["port"] = str(port)
     url = f"postgresql://{netloc}/{quote(params['dbname'], safe='')}"
     return f"{url}?{urlencode(query)}" if query else url
+
+
+def write_while_targets_exist(write: Callable[[], T], *, attempts: int = 3) -> T:
+    """Run `write()` in a transaction of its own, again if its commit fails because a
+    concurrent transaction deleted a row it points at.
+
+    Background jobs (triage, embedding) read a study's images, spend seconds on them and
+    then store what they found; an image deleted meanwhile would fail the foreign key
+    check at commit (Django's keys are checked then). `write` is expected to keep only
+    the rows whose targets still exist, read again on every attempt. Inside a caller's
+    transaction the check waits for the caller's commit, so it runs once.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with transaction.atomic():
+                return write()
+        except IntegrityError:
+            if attempt == attempts or connection.in_atomic_block:
+                raise
+    raise AssertionError("unreachable")

@@ -459,3 +459,25 @@ def test_uploaded_dicom_leaves_out_its_own_patient(api, active, archive, make_di
     response = api.post("/api/v1/search/", {"file": _file("q.dcm", make_dicom(transform=without_study_uid)), "k": 2},
                         format="multipart")  # fmt: skip
     assert response.status_code == 200 and len(response.json()["results"]) == 2
+
+
+def test_an_image_deleted_while_its_batch_is_embedded_gets_no_vector(active, archive, tiny_encoder):
+    """A PACS administrator deletes an image while `embed` works through the archive:
+    the run stores the other images' vectors and leaves the deleted one out, instead of
+    failing the batch on a foreign key to a row that is gone."""
+    second = services.encoder_register(path=tiny_encoder, name="tiny-2")
+    instances = list(archive)
+    gone = next(i for i in instances[5:10] if i.findings.exclude(x0=None).exists())  # batch 2, with a box
+    gone_pk = gone.pk
+
+    def progress(done: int, total: int) -> None:
+        if done == 5:  # batch 2 is being decoded (or already is) from the rows read at the start
+            Instance.objects.get(pk=gone_pk).delete()
+
+    report = services.embed_pending(encoder=second, batch_size=5, progress=progress)
+    assert report.images == 11
+    stored = Embedding.objects.filter(encoder=second)
+    assert not stored.filter(instance_id=gone_pk).exists()
+    assert set(stored.filter(kind="image").values_list("instance_id", flat=True)) == {
+        i.pk for i in instances if i.pk != gone_pk
+    }

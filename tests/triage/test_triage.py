@@ -11,7 +11,7 @@ from django.core.management import call_command
 from pydicom.uid import generate_uid
 
 from studies import services as study_services
-from studies.models import Finding, Study
+from studies.models import Finding, Instance, Study
 from triage import services
 from triage.models import Category, ImageQuality, TriageAudit, TriageResult
 
@@ -211,3 +211,17 @@ def test_bad_triage_settings_fail_the_system_check(settings):
         "PRECEDENT_TRIAGE_QA_FRACTION must be between 0 and 1, got 1.5",
         "PRECEDENT_TRIAGE_TASKS: unknown triage task knee; known: mammography, chest",
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_image_deleted_while_its_study_was_checked_gets_no_verdict(ingest, mammogram):
+    """The quality check reads a study's images, then stores its verdicts; an image
+    deleted in between (by another process) must not fail the store, whose foreign key
+    is checked at commit."""
+    study_uid = generate_uid()
+    kept, gone = ingest(mammogram(study_uid=study_uid)), ingest(mammogram(study_uid=study_uid, InstanceNumber=2))
+    verdicts = [ImageQuality(instance=i, assessable=True, task="mammography") for i in (kept, gone)]
+    Instance.objects.filter(pk=gone.pk).delete()
+    services.store_verdicts(verdicts)
+    stored = ImageQuality.objects.filter(instance__series__study__study_instance_uid=study_uid)
+    assert list(stored.values_list("instance_id", "task")) == [(kept.pk, "mammography")]
