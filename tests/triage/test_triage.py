@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from io import StringIO
 
 import numpy as np
@@ -189,6 +190,20 @@ def test_the_triage_command_catches_up(ingest, mammogram, make_dicom):
     out = StringIO()
     call_command("triage", "--all", stdout=out, verbosity=0)
     assert out.getvalue().startswith("2 studies triaged")
+
+
+@pytest.mark.parametrize(("verbosity", "lines"), [(1, 0), (2, 2)])
+def test_the_triage_command_logs_a_line_per_study_only_when_asked(ingest, mammogram, caplog, verbosity, lines):
+    """Its progress bar and summary are what a user reads; a line per study (hundreds in
+    the demo) comes with -v 2. The logger's level is as before once the command ends."""
+    for _ in range(2):
+        ingest(mammogram())
+    TriageResult.objects.all().delete()
+    caplog.set_level(logging.INFO, logger="triage.services")
+    caplog.clear()  # what the arrivals logged
+    call_command("triage", "--pending", stdout=StringIO(), stderr=StringIO(), verbosity=verbosity)
+    assert len([r for r in caplog.records if " triaged " in r.getMessage()]) == lines
+    assert logging.getLogger("triage.services").level == logging.INFO
 
 
 def test_a_growing_series_of_unassessable_images_writes_one_result(ingest, make_dicom):

@@ -7,6 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 from tqdm import tqdm
 
+from precedent.commands import quiet_per_item_logs
 from studies.models import Study
 from triage import selectors, services
 
@@ -21,6 +22,7 @@ class Command(BaseCommand):
         )
         which.add_argument("--all", action="store_true", help="every study, checking every image's quality again")
 
+    @quiet_per_item_logs
     def handle(self, *args: Any, **options: Any) -> None:
         studies = Study.objects.order_by("pk") if options["all"] else selectors.studies_awaiting_triage()
         total = studies.count()

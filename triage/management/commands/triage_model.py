@@ -7,6 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import Count, Q
 
+from precedent.commands import quiet_per_item_logs
 from triage import selectors, services
 from triage.models import TriageModelVersion
 
@@ -30,6 +31,7 @@ class Command(BaseCommand):
         retire = sub.add_parser("retire", help="take this version out of service (what needed it waits as pending)")
         retire.add_argument("name")
 
+    @quiet_per_item_logs
     def handle(self, *args: Any, action: str, **options: Any) -> None:
         if action in ("activate", "retire"):
             version = TriageModelVersion.objects.filter(name=options["name"]).first()

@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.core.validators import validate_slug
 
+from precedent.commands import quiet_per_item_logs
 from studies.datasets import FOLDER_DATASETS, SYNTHETIC, SYNTHETIC_COHORT, DatasetError, synthetic
 from studies.datasets.base import Conversion
 from studies.datasets.importer import ImportSummary, import_conversion
@@ -45,6 +46,7 @@ class Command(BaseCommand):
             "--seed", type=_non_negative, help=f"synthetic: random seed (default {synthetic.DEFAULT_SEED})"
         )
 
+    @quiet_per_item_logs
     def handle(self, *args: Any, **options: Any) -> None:
         conversion, default_cohort = self._open(options)
         cohort = options["cohort"] or default_cohort

@@ -13,6 +13,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 from tqdm import tqdm
 
+from precedent.commands import quiet_per_item_logs
 from studies import dicom, services
 from studies.errors import IngestError
 from studies.services import IngestResult, Outcome
@@ -79,6 +80,7 @@ class Command(BaseCommand):
             "the database release Python's GIL, so 2-4 help even on few cores",
         )
 
+    @quiet_per_item_logs
     def handle(self, *args, paths: list[Path], jobs: int, **options):
         missing = [str(p) for p in paths if not p.exists()]
         if missing:

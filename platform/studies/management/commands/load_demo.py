@@ -20,6 +20,7 @@ from django.db.migrations.executor import MigrationExecutor
 from pydicom.data import get_testdata_files
 from tqdm import tqdm
 
+from precedent.commands import quiet_per_item_logs
 from studies import services
 from studies.datasets import FOLDER_DATASETS, SYNTHETIC_COHORT, DatasetError, synthetic
 from studies.datasets.importer import import_conversion
@@ -58,6 +59,7 @@ class Command(BaseCommand):
             "--no-triage", action="store_true", help="do not train, calibrate and sign off the quick demo classifier"
         )
 
+    @quiet_per_item_logs
     def handle(self, *args: Any, **options: Any) -> None:
         _require_migrated()
         data = _data_root(options["data"])
