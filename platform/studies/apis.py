@@ -16,7 +16,7 @@ from rest_framework.response import Response
 
 from precedent.api import ApiView, BinaryFileField, ErrorOutput, body_over_limit, error_response, error_responses
 
-from . import selectors, services
+from . import selectors, services, uploads
 from .dicom import PRESETS, Window, png_window
 from .errors import RenderError
 from .models import Finding, Instance, Series, Study
@@ -311,6 +311,18 @@ class InstanceUploadApi(ApiView):
 
     parser_classes = [MultiPartParser]
 
+    def dispatch(self, request, *args, **kwargs):
+        # A multipart body's files are spooled into the store as it is parsed, written
+        # once (uploads.py). Set up before DRF authenticates: a browser session's CSRF
+        # check reads the form. What the ingest did not take is removed at the end,
+        # also when the request is refused or its body breaks off.
+        self.spooler = uploads.spool_uploads(request)
+        try:
+            return super().dispatch(request, *args, **kwargs)
+        finally:
+            if self.spooler is not None:
+                self.spooler.discard()
+
     @extend_schema(
         operation_id="instances_create",
         summary="Store DICOM files",
@@ -361,7 +373,7 @@ class InstanceUploadApi(ApiView):
                     status.HTTP_400_BAD_REQUEST,
                 )
             # One transaction per batch of files (services.INGEST_BATCH), not per file.
-            results = services.instances_ingest((upload, upload.name) for upload in files)
+            results = services.instances_ingest((uploads.ingest_source(f), f.name) for f in files)
         counts = {outcome: sum(r.outcome == outcome for r in results) for outcome in Outcome}
         body = {
             "stored": counts[Outcome.STORED],

@@ -74,7 +74,10 @@ def dicom_store() -> DicomStore:
 # the commit's WAL flush and the folder syncs are paid once for many files.
 INGEST_BATCH = 32
 
-IngestItem = tuple[BinaryIO | Path, str]
+# What to store, and its name. The source is a stream or a path to spool, or a file a
+# request handler already spooled as it arrived (studies.uploads; the ingest owns it
+# from then on), or the IngestError that receiving it ended with.
+IngestItem = tuple[BinaryIO | Path | Spooled | IngestError, str]
 
 
 @dataclass
@@ -139,10 +142,17 @@ def instances_ingest(items: Iterable[IngestItem], *, batch_size: int = INGEST_BA
     return results  # type: ignore[return-value]
 
 
-def _receive(store: DicomStore, source: BinaryIO | Path, name: str, *, index: int) -> _Received | IngestResult:
+def _receive(
+    store: DicomStore, source: BinaryIO | Path | Spooled | IngestError, name: str, *, index: int
+) -> _Received | IngestResult:
     """Spool and validate one file: what its batch will store, or why it is rejected."""
+    if isinstance(source, IngestError):
+        return _rejected(name, source)
     try:
-        spooled = store.spool(source, max_bytes=settings.PRECEDENT_MAX_UPLOAD_BYTES)
+        if isinstance(source, Spooled):
+            spooled = store.unwrap(source, max_bytes=settings.PRECEDENT_MAX_UPLOAD_BYTES)
+        else:
+            spooled = store.spool(source, max_bytes=settings.PRECEDENT_MAX_UPLOAD_BYTES)
     except IngestError as exc:
         return _rejected(name, exc)
     try:

@@ -130,6 +130,55 @@ class _Prefixed:
         return data + (self.stream.read(size - len(data)) if size > len(data) else b"")
 
 
+class SpoolWriter:
+    """A temp file under the store being written chunk by chunk while its SHA-256 is
+    computed; `finish` turns it into a `Spooled` (and starts its sync), `abort` removes
+    it. `write` raises TooLarge past `max_bytes`, having removed what it wrote."""
+
+    def __init__(self, folder: Path, *, fsync: bool, max_bytes: int | None) -> None:
+        fd, name = tempfile.mkstemp(dir=folder, suffix=".part")
+        self.path = Path(name)
+        self._out: BinaryIO | None = os.fdopen(fd, "wb")
+        self._digest = hashlib.sha256()
+        self._fsync = fsync
+        self.max_bytes = max_bytes
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        if self._out is None:
+            raise ValueError("write to a spool that is finished or aborted")
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            self.abort()
+            raise TooLarge(f"file is larger than the upload limit of {self.max_bytes} bytes")
+        self._digest.update(chunk)
+        self._out.write(chunk)
+
+    def finish(self) -> Spooled:
+        if self._out is None:
+            raise ValueError("finish a spool that is finished or aborted")
+        try:
+            self._out.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._out = None
+        return Spooled(
+            path=self.path,
+            sha256=self._digest.hexdigest(),
+            size=self.size,
+            # On the pool (it releases the GIL) while the caller parses.
+            synced=_SYNC_POOL.submit(_fsync_path, str(self.path)) if self._fsync else None,
+        )
+
+    def abort(self) -> None:
+        if self._out is not None:
+            with contextlib.suppress(OSError):
+                self._out.close()
+            self._out = None
+        self.path.unlink(missing_ok=True)
+
+
 class DicomStore:
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = Path(root)
@@ -160,35 +209,38 @@ class DicomStore:
                 opened.close()
 
     def _copy(self, stream: BinaryIO, first: bytes, max_bytes: int | None) -> Spooled:
-        digest = hashlib.sha256()
-        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
-        size = 0
+        writer = self.spool_writer(max_bytes=max_bytes)
         try:
-            with os.fdopen(fd, "wb") as out:
-                chunk = first
-                while True:
-                    if chunk:
-                        size += len(chunk)
-                        if max_bytes is not None and size > max_bytes:
-                            raise TooLarge(f"file is larger than the upload limit of {max_bytes} bytes")
-                        digest.update(chunk)
-                        out.write(chunk)
-                    try:
-                        chunk = stream.read(CHUNK)
-                    except (OSError, EOFError) as exc:  # corrupt gzip stream
-                        raise NotDicom(f"cannot read the file: {exc}") from None
-                    if not chunk:
-                        break
+            chunk = first
+            while True:
+                if chunk:
+                    writer.write(chunk)
+                try:
+                    chunk = stream.read(CHUNK)
+                except (OSError, EOFError) as exc:  # corrupt gzip stream
+                    raise NotDicom(f"cannot read the file: {exc}") from None
+                if not chunk:
+                    break
+            return writer.finish()
         except BaseException:
-            Path(name).unlink(missing_ok=True)
+            writer.abort()
             raise
-        return Spooled(
-            path=Path(name),
-            sha256=digest.hexdigest(),
-            size=size,
-            # On the pool (it releases the GIL) while the caller parses.
-            synced=_SYNC_POOL.submit(_fsync_path, name) if self.fsync else None,
-        )
+
+    def spool_writer(self, *, max_bytes: int | None = None) -> SpoolWriter:
+        """A spool the caller writes chunk by chunk (a request body as it is parsed)."""
+        return SpoolWriter(self.tmp, fsync=self.fsync, max_bytes=max_bytes)
+
+    def unwrap(self, spooled: Spooled, *, max_bytes: int | None = None) -> Spooled:
+        """`spooled` itself, or, when its bytes are gzip-wrapped, a new spool of what
+        they unwrap to (the wrapped one is dropped either way): what `spool` does to a
+        stream, for a file a `SpoolWriter` received as it was sent."""
+        with open(spooled.path, "rb") as fh:
+            if fh.read(2) != GZIP_MAGIC:
+                return spooled
+        try:
+            return self.spool(spooled.path, max_bytes=max_bytes)
+        finally:
+            spooled.discard()
 
     @staticmethod
     def relative_path(sha256: str) -> str:

@@ -414,7 +414,7 @@ def test_a_page_path_that_is_no_uid_is_404(browser_client):
     assert browser_client.get("/studies/%00/").status_code == 404
 
 
-def test_too_many_files_in_one_request_is_a_json_400(api, dicom_files, settings):
+def test_too_many_files_in_one_request_is_a_json_400(api, dicom_files, settings, precedent_home):
     settings.DATA_UPLOAD_MAX_NUMBER_FILES = 3
     from django.test.client import encode_multipart
 
@@ -425,6 +425,7 @@ def test_too_many_files_in_one_request_is_a_json_400(api, dicom_files, settings)
     assert response.status_code == 400
     assert response.json()["error"] == "too many files in one request: send at most 3 per request"
     assert not Instance.objects.exists()
+    assert list((precedent_home / "tmp").iterdir()) == []  # nor the spools of the files before the 4th
 
 
 def _named(name: str, data: bytes):
