@@ -5,11 +5,13 @@ Reading order (one rank per category, then arrival, oldest first: a worklist is
 first in, first out within a priority):
 
 0. urgent, 1. suspicious — flagged studies first;
-2. not assessable — no evidence it is normal, and a technically failed image often
-   means recalling the patient, best done while they are still in the department;
-3. routine, and pending (awaiting triage) interleaved with it by arrival — a study
-   no model has scored is read as it would be without triage, so with no model
-   active the worklist is exactly the old arrival-order list;
+2. not assessable for a technical reason (an image a triage task covers, but blank,
+   clipped or undecodable) — no evidence it is normal, and a failed image often means
+   recalling the patient, best done while they are still in the department;
+3. routine, pending (awaiting triage) and studies outside every triage task (a CT, an
+   ultrasound, a report: not assessable only in that no task covers them), interleaved
+   by arrival — a study no model has scored is read as it would be without triage, so
+   with no model active the worklist is exactly the old arrival-order list;
 4. likely negative — last, in its own section, never hidden.
 """
 
@@ -50,11 +52,12 @@ RANKS: dict[str, int] = {
     Category.PENDING: 3,
     Category.LIKELY_NEGATIVE: 4,
 }
+OUTSIDE_TRIAGE = 3  # the rank of a not-assessable study none of whose images a task covers
 SECTIONS: dict[int, str] = {
     0: "Urgent",
     1: "Suspicious",
     2: "Not assessable",
-    3: "Routine and awaiting triage",
+    3: "Routine, awaiting or outside triage",
     4: "Likely negative",
 }
 FLAGGED = (Category.URGENT, Category.SUSPICIOUS)
@@ -84,7 +87,7 @@ def worklist(
             read_at=F("read_mark__read_at"),
             read_by=F("read_mark__user__username"),
         )
-        .annotate(rank=Case(*(When(category=c, then=Value(r)) for c, r in RANKS.items()), default=Value(3)))
+        .annotate(rank=_rank())
     )
     if not include_read:
         qs = qs.filter(read_mark__isnull=True)
@@ -92,6 +95,14 @@ def worklist(
     if categories:
         qs = qs.filter(category__in=list(categories))
     return qs.order_by("rank", "created_at", "id")
+
+
+def _rank() -> Case:
+    """The reading-order rank of an annotated study (see the module's docstring)."""
+    covered = Exists(ImageQuality.objects.filter(instance__series__study=OuterRef("pk")).exclude(task=""))
+    ranks = [When(category=c, then=Value(r)) for c, r in RANKS.items() if c != Category.NOT_ASSESSABLE]
+    technical = Case(When(covered, then=Value(RANKS[Category.NOT_ASSESSABLE])), default=Value(OUTSIDE_TRIAGE))
+    return Case(When(category=Category.NOT_ASSESSABLE, then=technical), *ranks, default=Value(3))
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,9 @@ def decorate(study: Study) -> Study:
     """What a row shows beyond the annotations: the category's label and the
     exam-level scores."""
     study.category_label = Category(study.category).label
+    study.badge = f"triage-{study.category}"
+    if study.category == Category.NOT_ASSESSABLE and study.rank == selectors.OUTSIDE_TRIAGE:
+        study.category_label, study.badge = "Outside triage", "triage-outside"  # no task covers its images
     study.flagged = study.category in selectors.FLAGGED
     study.score_items = score_items(study.scores)
     return study

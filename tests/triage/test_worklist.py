@@ -24,7 +24,8 @@ HTMX = {"HTTP_HX_REQUEST": "true"}
 @pytest.fixture
 def studies(ingest, mammogram, make_dicom, film, user, django_capture_on_commit_callbacks) -> dict[str, Study]:
     """One study per worklist section, arriving in this order (oldest first):
-    negative, routine, pending MG, CT (not assessable), blank MG, urgent, suspicious."""
+    negative, routine, pending MG, CT (outside triage), blank MG (not assessable),
+    urgent, suspicious."""
 
     def mg(name: str, **attributes) -> Study:
         return ingest(mammogram(patient_id=name, **attributes)).series.study
@@ -43,7 +44,9 @@ def studies(ingest, mammogram, make_dicom, film, user, django_capture_on_commit_
     return made
 
 
-READING_ORDER = ["urgent", "suspicious", "ct", "blank", "routine", "pending", "negative"]
+# A blank mammogram is a technical failure (read early: the patient may be recalled); a
+# CT is not assessable only in that no triage task covers it, so it is read by arrival.
+READING_ORDER = ["urgent", "suspicious", "blank", "routine", "pending", "ct", "negative"]
 
 
 def uids(made: dict[str, Study], keys: list[str]) -> list[str]:
@@ -64,16 +67,26 @@ def test_reading_order_is_the_same_on_the_page_and_in_the_api(studies, api, brow
     assert urgent["patient"]["patient_id"] == "URGENT" and urgent["modalities"] == ["MG"]
     assert urgent["scores"] == {} and urgent["read"] is False and urgent["qa_read"] is False
     assert urgent["url"] == f"/studies/{urgent['study_instance_uid']}/"
+    by_uid = {item["study_instance_uid"]: item for item in body["results"]}
+    blank, ct = by_uid[studies["blank"].study_instance_uid], by_uid[studies["ct"].study_instance_uid]
+    assert (blank["category"], blank["section"]) == ("not_assessable", "Not assessable")
+    assert (ct["category"], ct["section"]) == ("not_assessable", "Routine, awaiting or outside triage")
+    assert ct["reasons"] == ["not a mammogram or chest radiograph (modality CT)"]
 
     response = browser_client.get("/worklist/")
     assert response.status_code == 200
     html = response.content.decode()
     assert page_uids(html) == uids(studies, READING_ORDER)
     # Every section is announced, likely negative included; each row links to its study.
-    for title in ("Urgent", "Suspicious", "Not assessable", "Routine and awaiting triage", "Likely negative"):
+    for title in ("Urgent", "Suspicious", "Not assessable", "Routine, awaiting or outside triage", "Likely negative"):
         assert title in html
     assert f'href="/studies/{studies["urgent"].study_instance_uid}/"' in html
     assert "badge triage-likely_negative" in html and "blank image" in html
+    # The CT's row says why it is read by arrival; the blank mammogram keeps its category.
+    ct_row = html[html.index(f'id="worklist-{studies["ct"].pk}"') :].split("</tr>")[0]
+    blank_row = html[html.index(f'id="worklist-{studies["blank"].pk}"') :].split("</tr>")[0]
+    assert "badge triage-outside" in ct_row and "Outside triage" in ct_row
+    assert "badge triage-not_assessable" in blank_row and "Not assessable" in blank_row
 
 
 def test_filters_agree_between_page_and_api(studies, api, browser_client):
