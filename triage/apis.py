@@ -65,7 +65,10 @@ class WorklistItemOutput(serializers.Serializer):
     modalities = serializers.ListField(child=serializers.CharField())
     arrived_at = serializers.DateTimeField(source="created_at")
     category = serializers.ChoiceField(choices=Category.choices)
-    section = serializers.SerializerMethodField(help_text="The worklist section the category belongs to.")
+    section = serializers.SerializerMethodField(
+        help_text="The worklist section the study is read in: its category's, except that a not-assessable "
+        "study no triage task covers (a CT, a report) is read with routine studies, by arrival."
+    )
     scores = serializers.SerializerMethodField(help_text="Model scores, e.g. p_abnormal; empty without a model.")
     reasons = serializers.SerializerMethodField(help_text="Why this category, most important first.")
     qa_read = serializers.BooleanField(help_text="A likely-negative study picked to be read anyway (QA).")
