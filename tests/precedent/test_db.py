@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 
 import pytest
 from django.db import IntegrityError, connection, transaction
@@ -56,29 +57,30 @@ def test_a_commit_that_loses_its_target_is_tried_again_without_it(make_dicom):
     assert list(ImageQuality.objects.values_list("instance_id", flat=True)) == [kept.pk]
 
 
-@pytest.mark.django_db(transaction=True)
-def test_a_write_that_keeps_failing_raises_after_its_attempts(make_dicom):
+@pytest.fixture
+def dangling_write(make_dicom) -> tuple[Callable[[], None], list[int]]:
+    """A write whose row points at an instance that never exists, and its calls."""
     (instance,) = _stored(make_dicom())
-    calls = []
+    calls: list[int] = []
 
     def write() -> None:
         calls.append(1)
-        ImageQuality.objects.create(instance_id=instance.pk + 10**6, assessable=True)  # never exists
+        ImageQuality.objects.create(instance_id=instance.pk + 10**6, assessable=True)
 
+    return write, calls
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_write_that_keeps_failing_raises_after_its_attempts(dangling_write):
+    write, calls = dangling_write
     with pytest.raises(IntegrityError):
         write_while_targets_exist(write, attempts=2)
     assert len(calls) == 2 and not ImageQuality.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)
-def test_inside_a_callers_transaction_it_runs_once(make_dicom):
-    (instance,) = _stored(make_dicom())
-    calls = []
-
-    def write() -> None:
-        calls.append(1)
-        ImageQuality.objects.create(instance_id=instance.pk + 10**6, assessable=True)
-
+def test_inside_a_callers_transaction_it_runs_once(dangling_write):
+    write, calls = dangling_write
     with pytest.raises(IntegrityError), transaction.atomic():
         write_while_targets_exist(write)  # the key is checked at the caller's commit
     assert len(calls) == 1 and not ImageQuality.objects.exists()
