@@ -68,6 +68,7 @@ class Spooled:
     sha256: str
     size: int
     synced: Future[None] | None = None  # the fsync under way, when the store syncs
+    gzip_wrapped: bool = False  # its bytes start as a gzip stream does (see DicomStore.unwrap)
     stored_at: Path | None = None  # the same bytes in the store, once committed
     _dataset_sha256: str | None = field(default=None, repr=False)
 
@@ -143,10 +144,13 @@ class SpoolWriter:
         self._fsync = fsync
         self.max_bytes = max_bytes
         self.size = 0
+        self._head = b""  # the first bytes, to tell a gzip stream
 
     def write(self, chunk: bytes) -> None:
         if self._out is None:
             raise ValueError("write to a spool that is finished or aborted")
+        if len(self._head) < len(GZIP_MAGIC):
+            self._head += chunk[: len(GZIP_MAGIC) - len(self._head)]
         self.size += len(chunk)
         if self.max_bytes is not None and self.size > self.max_bytes:
             self.abort()
@@ -169,6 +173,7 @@ class SpoolWriter:
             size=self.size,
             # On the pool (it releases the GIL) while the caller parses.
             synced=_SYNC_POOL.submit(_fsync_path, str(self.path)) if self._fsync else None,
+            gzip_wrapped=self._head == GZIP_MAGIC,
         )
 
     def abort(self) -> None:
@@ -234,9 +239,8 @@ class DicomStore:
         """`spooled` itself, or, when its bytes are gzip-wrapped, a new spool of what
         they unwrap to (the wrapped one is dropped either way): what `spool` does to a
         stream, for a file a `SpoolWriter` received as it was sent."""
-        with open(spooled.path, "rb") as fh:
-            if fh.read(2) != GZIP_MAGIC:
-                return spooled
+        if not spooled.gzip_wrapped:
+            return spooled
         try:
             return self.spool(spooled.path, max_bytes=max_bytes)
         finally:

@@ -137,3 +137,16 @@ def test_a_body_read_already_keeps_djangos_handlers(make_dicom):
     assert spool_uploads(request) is None
     assert not isinstance(request.FILES["file"], SpooledUpload)
     assert ingest_source(request.FILES["file"]) is request.FILES["file"]
+
+
+def test_a_spool_tells_gzip_from_its_first_two_bytes_however_they_arrive(make_dicom, precedent_home):
+    store = services.dicom_store()
+    wrapped = gzip.compress(make_dicom())
+    for chunks, expected in (([wrapped[:1], wrapped[1:]], True), ([wrapped], True), ([b"\x1f", b"\x00"], False)):
+        writer = store.spool_writer()
+        for chunk in chunks:
+            writer.write(chunk)
+        spooled = writer.finish()
+        assert spooled.gzip_wrapped is expected
+        spooled.discard()
+    assert _spools(precedent_home) == []
