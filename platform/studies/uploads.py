@@ -1,7 +1,7 @@
 """Multipart uploads written once: each file goes straight into the DICOM store's spool.
 
 Django's own upload handlers keep a file in memory, or, when the request is over
-FILE_UPLOAD_MAX_MEMORY_SIZE (2.5 MB: any batch of CT slices), write it to a temp file
+FILE_UPLOAD_MAX_MEMORY_SIZE (2.5 MB; 8 CT slices are 4.2 MB), write it to a temp file
 that the ingest then reads and copies into its spool. `SpoolUploadHandler` writes each
 file's chunks into the spool as the body is parsed, hashing them on the way, so a file
 is written to disk once and read once (to validate it).
