@@ -7,6 +7,7 @@ from typing import TypeVar
 from urllib.parse import quote, urlencode
 
 from django.db import IntegrityError, connection, transaction
+from psycopg import errors
 
 T = TypeVar("T")
 
@@ -49,7 +50,8 @@ def write_while_targets_exist(write: Callable[[], T], *, attempts: int = 3) -> T
         try:
             with transaction.atomic():
                 return write()
-        except IntegrityError:
-            if attempt == attempts or connection.in_atomic_block:
+        except IntegrityError as exc:
+            lost_target = isinstance(exc.__cause__, errors.ForeignKeyViolation)
+            if not lost_target or attempt == attempts or connection.in_atomic_block:
                 raise
     raise AssertionError("unreachable")

@@ -84,3 +84,18 @@ def test_inside_a_callers_transaction_it_runs_once(dangling_write):
     with pytest.raises(IntegrityError), transaction.atomic():
         write_while_targets_exist(write)  # the key is checked at the caller's commit
     assert len(calls) == 1 and not ImageQuality.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_other_integrity_errors_are_not_tried_again(make_dicom):
+    (instance,) = _stored(make_dicom())
+    ImageQuality.objects.create(instance=instance, assessable=True)
+    calls = []
+
+    def write() -> None:
+        calls.append(1)
+        ImageQuality.objects.create(instance=instance, assessable=False)  # one verdict per image
+
+    with pytest.raises(IntegrityError, match="unique"):
+        write_while_targets_exist(write)
+    assert len(calls) == 1
