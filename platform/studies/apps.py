@@ -1,3 +1,5 @@
+import logging
+
 from django.apps import AppConfig
 
 
@@ -7,3 +9,10 @@ class StudiesConfig(AppConfig):
 
     def ready(self) -> None:
         from . import signals  # noqa: F401
+        from .services import dicom_store
+
+        # A process killed mid-upload leaves its spool behind: the next start removes
+        # what has been untouched for a day (storage.STALE_SPOOL_SECONDS).
+        removed = dicom_store().sweep()
+        if removed:
+            logging.getLogger(__name__).info("removed %d stale temp file(s) left by interrupted uploads", removed)

@@ -484,10 +484,11 @@ def instance_render_png(*, instance: Instance, request: RenderRequest) -> Path:
     path = dicom_store().path(instance.file_path)
     header, pixels = _decoded_frame(str(path), instance.sha256, request.frame)
     rendered = dicom.render(pixels, header, window=request.window, preset=request.preset, max_size=request.max_size)
+    png = dicom.encode_png(rendered)  # before the temp file: an error leaves none behind
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
     with os.fdopen(fd, "wb") as out:
-        out.write(dicom.encode_png(rendered))
+        out.write(png)
     os.replace(tmp, target)
     return target
 

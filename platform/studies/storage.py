@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from typing import BinaryIO
 from .errors import NotDicom, TooLarge
 
 CHUNK = 1024 * 1024
+# A temp file in the spool folder untouched this long was left by a process that died.
+STALE_SPOOL_SECONDS = 24 * 3600
 GZIP_MAGIC = b"\x1f\x8b"
 # The File Meta of a Part 10 file ends within this many bytes (it is a few hundred).
 META_WINDOW = 64 * 1024
@@ -230,6 +233,20 @@ class DicomStore:
         except BaseException:
             writer.abort()
             raise
+
+    def sweep(self, *, older_than: float = STALE_SPOOL_SECONDS) -> int:
+        """Remove temp files a process that died mid-upload left in the spool folder
+        (spools, and Django's upload temp files, which share it), untouched for
+        `older_than` seconds; a file being written is touched with every chunk.
+        Returns how many were removed."""
+        cutoff = time.time() - older_than
+        removed = 0
+        for path in self.tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # another process swept it first
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+        return removed
 
     def spool_writer(self, *, max_bytes: int | None = None) -> SpoolWriter:
         """A spool the caller writes chunk by chunk (a request body as it is parsed)."""

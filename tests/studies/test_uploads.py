@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,26 @@ def test_a_spool_tells_gzip_from_its_first_two_bytes_however_they_arrive(make_di
         assert spooled.gzip_wrapped is expected
         spooled.discard()
     assert _spools(precedent_home) == []
+
+
+def test_temp_files_left_by_a_dead_process_are_swept_fresh_ones_kept(precedent_home):
+    store = services.dicom_store()
+    old, fresh = store.tmp / "left-behind.part", store.tmp / "being-written.part"
+    django_temp = store.tmp / "tmpabc.upload.dcm"  # Django's upload temp files share the folder
+    for path in (old, fresh, django_temp):
+        path.write_bytes(b"x" * 100)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for path in (old, django_temp):
+        os.utime(path, (two_days_ago, two_days_ago))
+    assert store.sweep() == 2
+    assert sorted(p.name for p in store.tmp.iterdir()) == ["being-written.part"]
+
+
+def test_the_app_sweeps_at_start(precedent_home):
+    from django.apps import apps
+
+    stale = services.dicom_store().tmp / "stale.part"
+    stale.write_bytes(b"x")
+    os.utime(stale, (0, 0))
+    apps.get_app_config("studies").ready()
+    assert not stale.exists()
