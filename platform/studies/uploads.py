@@ -6,10 +6,12 @@ that the ingest then reads and copies into its spool. `SpoolUploadHandler` write
 file's chunks into the spool as the body is parsed, hashing them on the way, so a file
 is written to disk once and read once (to validate it).
 
+The upload API (studies.apis.InstanceUploadApi.dispatch) sets it up before DRF
+authenticates, since a browser session's CSRF check reads the form:
+
     handler = spool_uploads(request)         # before anything reads the body
     try:
-        files = request.FILES.getlist("file")
-        services.instances_ingest((ingest_source(f), f.name) for f in files)
+        ...                                  # the view: ingest_source(f) for each file
     finally:
         if handler is not None:
             handler.discard()                # what the ingest did not take
@@ -99,8 +101,8 @@ class SpoolUploadHandler(FileUploadHandler):
 
 def spool_uploads(request: HttpRequest) -> SpoolUploadHandler | None:
     """Make `request`'s multipart files spool straight into the store. None when the body
-    was read already (a session login's CSRF check may read the form): its files then
-    come as Django made them, and the ingest copies them."""
+    was read already (by a middleware, before the view): its files then come as Django
+    made them, and the ingest copies them."""
     django_request = getattr(request, "_request", request)  # DRF's Request wraps Django's
     handler = SpoolUploadHandler(django_request, store=dicom_store(), max_bytes=settings.PRECEDENT_MAX_UPLOAD_BYTES)
     try:
