@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,15 @@ from rest_framework.test import APIClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("PRECEDENT_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Free disk where tests write (their homes, the embedded PostgreSQL): a full disk
+    shows up as every test erroring at once, so the header says how much there was."""
+    places = {"tmp": Path(tempfile.gettempdir()), "repo": REPO_ROOT}
+    return "free disk: " + ", ".join(
+        f"{name} {shutil.disk_usage(path).free / 2**30:.1f} GiB" for name, path in places.items()
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,12 @@ def test_evaluate_reports_froc_and_dice_of_the_active_detector_and_segmenter(
     by_class = result["froc_by_class"]
     assert by_class and all(set(v) == {"lesions", "0.5", "1", "2"} for v in by_class.values())
     assert sum(v["lesions"] for v in by_class.values()) == result["lesions"]
+    assert result["froc_png"] == str(tmp_path / "eval" / "froc.png")
+    # Without --out the plot is drawn into a temp folder that goes with the command.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert json.loads(run("--cohort", "tiny", "--json"))["froc_png"] is None
+    assert not any((tmp_path / "tmp").iterdir())
     text = run("--cohort", "tiny")
     assert re.search(r"FROC \(0\.5/1/2 false marks per image\): \d\.\d\d/\d\.\d\d/\d\.\d\d \(\d+ lesions\)", text)
     assert re.search(r"FROC by lesion class: \w+ \d\.\d\d/", text)

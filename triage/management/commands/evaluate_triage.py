@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -232,12 +233,15 @@ class Command(BaseCommand):
         if detector is None and segmenter is None:
             return {"localisation": "no active detector or segmenter"}
         ids = [image[0].instance.pk for e in exams for image in e.images]
-        out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="precedent-froc-"))
-        report = services.evaluate_localisation(
-            instances=Instance.objects.filter(pk__in=ids),
-            out_dir=out_dir,
-            models={"detector": detector, "segmenter": segmenter},
-        )
+        with contextlib.ExitStack() as stack:
+            # Without --out no plot is kept: the FROC figure is drawn into a folder
+            # that goes away with the command.
+            out_dir = Path(out) if out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            report = services.evaluate_localisation(
+                instances=Instance.objects.filter(pk__in=ids),
+                out_dir=out_dir,
+                models={"detector": detector, "segmenter": segmenter},
+            )
         return {
             "froc": report.get("froc"),
             "froc_by_class": report.get("froc_by_class"),
@@ -245,7 +249,7 @@ class Command(BaseCommand):
             "froc_note": report.get("froc_note", ""),
             "false_marks_per_image": report.get("false_marks_per_image"),
             "dice_mean": report.get("dice_mean"),
-            "froc_png": report.get("froc_png"),
+            "froc_png": report.get("froc_png") if out else None,
         }
 
 
