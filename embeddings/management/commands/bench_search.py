@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from access import policy
 from access.services import role_grant
+from precedent.commands import quiet_per_item_logs
 
 from embeddings import bench  # isort: skip - imports faiss before torch
 from embeddings import selectors, services
@@ -61,6 +62,7 @@ class Command(BaseCommand):
         parser.add_argument("--pg-ef-construction", type=int, default=64)
         parser.add_argument("--json", type=Path, help="write the figures here as JSON")
 
+    @quiet_per_item_logs
     def handle(self, *args: Any, **options: Any) -> None:
         n, dim, k = options["n"], options["dim"], options["k"]
         if n < 1000 or dim < 8 or not 1 <= k <= selectors.MAX_K:

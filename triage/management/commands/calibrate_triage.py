@@ -8,6 +8,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from precedent.commands import quiet_per_item_logs
 from studies.models import Cohort
 from triage import selectors, services
 from triage.exam_score import LABELS, SOURCES
@@ -47,6 +48,7 @@ class Command(BaseCommand):
                 "once signed off, applies from the moment the version is activated, so a switch leaves no gap)",
             )
 
+    @quiet_per_item_logs
     def handle(self, *args: Any, **options: Any) -> None:
         cohort = Cohort.objects.filter(name=options["cohort"]).first()
         if cohort is None:

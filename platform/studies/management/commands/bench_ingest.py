@@ -40,6 +40,7 @@ from rest_framework.authtoken.models import Token
 from tqdm import tqdm
 
 from access.services import role_grant
+from precedent.commands import quiet_per_item_logs
 from precedent.db import connection_url
 from precedent.paths import REPO_ROOT
 from studies import bench, services
@@ -140,6 +141,7 @@ class Command(BaseCommand):
             "--purge", action="store_true", help="only delete what earlier runs left behind (--keep, interrupted)"
         )
 
+    @quiet_per_item_logs
     def handle(self, *args: Any, **options: Any) -> None:
         if options["purge"]:
             counts = _cleanup(patient_prefix=bench.BENCH_PATIENT_PREFIX, user_prefix=BENCH_USER_PREFIX)
