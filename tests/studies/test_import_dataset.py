@@ -407,6 +407,9 @@ def test_load_demo_twice_is_idempotent_and_creates_the_demo_login(
     for output in (first.getvalue(), second.getvalue()):
         assert f"Log in at http://127.0.0.1:8000 as demo / {password}" in output
     assert "pydicom test files:" in first.getvalue()
+    # The mammograms arrived first, so the worklist (oldest first) opens on them.
+    oldest = Study.objects.order_by("created_at", "pk").first()
+    assert oldest.cohorts.filter(name="cbis").exists()
     assert " 0 stored" in second.getvalue() and "rejected" in second.getvalue()
     assert "2 images: 0 stored, 2 duplicate, 0 rejected" in second.getvalue()
     assert (Instance.objects.count(), Finding.objects.count()) == (instances, findings)

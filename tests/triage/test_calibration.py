@@ -325,6 +325,8 @@ def test_calibration_page_draws_curves_and_signs_off_with_an_audit(
     assert page.status_code == 200
     assert f"Operating point {point.pk}" in page.text and "Sign off" in page.text
     assert "2 of 2 abnormal exams flagged, 95 % CI 0.158–1.000" in page.text
+    # The navigation marks Calibration as the current page, not the worklist it sits under.
+    assert page.text.count('aria-current="page"') == 1 and 'aria-current="page">Calibration</a>' in page.text
     png = client.get(reverse("triage:calibration-curves", args=[point.pk]))
     assert png.status_code == 200 and png["Content-Type"] == "image/png" and png.content[:4] == b"\x89PNG"
     with django_capture_on_commit_callbacks(execute=True):

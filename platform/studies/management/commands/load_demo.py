@@ -68,7 +68,6 @@ class Command(BaseCommand):
             raise CommandError(f"{data} holds none of: {', '.join(f for _, _, f in FOLDER_DATASETS.values())}")
         password_line = _demo_login(options["url"])
 
-        self._pydicom_test_files()
         for name in found:
             reader, cohort, folder = FOLDER_DATASETS[name]
             try:
@@ -81,6 +80,9 @@ class Command(BaseCommand):
             if not found:
                 self.stdout.write("no real datasets found: generating the synthetic screening cohort")
             report(self, import_conversion(synthetic.read(), cohort=SYNTHETIC_COHORT))
+        # Last: the worklist reads oldest first, so it opens on the screening studies,
+        # not on pydicom's conformance files (SR, RT plans, odd modalities).
+        self._pydicom_test_files()
         if not options["no_encoder"]:
             self._demo_encoder()
         if not options["no_triage"]:
