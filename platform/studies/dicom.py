@@ -554,6 +554,10 @@ class Rendered:
     window: Window | None
 
 
+# Bump when `render` draws the same request differently: cached renderings are keyed by it.
+RENDER_VERSION = 1
+
+
 def render(
     pixels: np.ndarray,
     ds: Dataset,

@@ -10,8 +10,6 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from . import dicom, storage
 from .dicom import DicomHeader, Window
 from .errors import IngestError, InstanceConflict
 from .models import Cohort, CohortMembership, Finding, Instance, Patient, Series, Study
+from .render_cache import RenderCache
 from .signals import instance_stored
 from .storage import DicomStore, Spooled
 
@@ -466,31 +465,37 @@ class RenderRequest:
     window: Window | None = None
     max_size: int | None = None
 
-    def cache_name(self, sha256: str) -> str:
+    def cache_key(self) -> str:
+        """What tells this rendering of a file from its others (the cache adds the file's
+        SHA-256). It starts with dicom.RENDER_VERSION, so a change to how images are
+        drawn is never hidden behind renderings cached before it (those age out)."""
         voi = f"w{self.window.center:g}_{self.window.width:g}" if self.window else self.preset
-        return f"{sha256}-f{self.frame}-{voi}-s{self.max_size or 0}.png"
+        return f"r{dicom.RENDER_VERSION}-f{self.frame}-{voi}-s{self.max_size or 0}"
+
+
+def render_cache() -> RenderCache:
+    """The rendered-PNG cache under PRECEDENT_HOME/cache/render, bounded by
+    PRECEDENT_RENDER_CACHE_MB (the least recently used renderings go first)."""
+    return RenderCache(
+        Path(settings.PRECEDENT_HOME) / "cache" / "render", max_bytes=settings.PRECEDENT_RENDER_CACHE_MB * 2**20
+    )
 
 
 def instance_render_png(*, instance: Instance, request: RenderRequest) -> Path:
-    """PNG of one frame, rendered once and cached under PRECEDENT_HOME/cache/render.
+    """PNG of one frame, rendered once and cached (`render_cache`).
 
     The cache key starts with the file's SHA-256, so a cached image can never belong to
     other pixel data. Raises RenderError when the pixels cannot be decoded.
     """
-    cache = Path(settings.PRECEDENT_HOME) / "cache" / "render" / instance.sha256[:2]
-    target = cache / request.cache_name(instance.sha256)
-    if target.exists():
-        return target
+    cache = render_cache()
+    key = request.cache_key()
+    cached = cache.get(instance.sha256, key)
+    if cached is not None:
+        return cached
     path = dicom_store().path(instance.file_path)
     header, pixels = _decoded_frame(str(path), instance.sha256, request.frame)
     rendered = dicom.render(pixels, header, window=request.window, preset=request.preset, max_size=request.max_size)
-    png = dicom.encode_png(rendered)  # before the temp file: an error leaves none behind
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
-    with os.fdopen(fd, "wb") as out:
-        out.write(png)
-    os.replace(tmp, target)
-    return target
+    return cache.put(instance.sha256, key, dicom.encode_png(rendered))
 
 
 @functools.lru_cache(maxsize=4)

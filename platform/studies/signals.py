@@ -13,8 +13,14 @@ instance_stored = Signal()
 
 @receiver(post_delete, sender=Instance)
 def remove_file_after_delete(sender, instance: Instance, **kwargs) -> None:
-    from .services import dicom_store
+    from .services import dicom_store, render_cache
 
-    relative = instance.file_path
-    # Only once the deletion has committed: a rolled-back delete keeps its file.
-    transaction.on_commit(lambda: dicom_store().remove(relative))
+    relative, sha256 = instance.file_path, instance.sha256
+
+    def remove() -> None:
+        dicom_store().remove(relative)
+        # Its previews too: a deleted patient's images must not live on as PNGs.
+        render_cache().forget(sha256)
+
+    # Only once the deletion has committed: a rolled-back delete keeps its files.
+    transaction.on_commit(remove)

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from django.db import transaction
 from PIL import Image
 
-from studies.models import Cohort, CohortMembership, Finding
+from studies.models import Cohort, CohortMembership, Finding, Instance
 from triage import detection, localisation, segmentation, services
 from triage import localisation_metrics as lm
 from triage.models import Category, Detection, LocalisationRun, SegmentationMask, TriageModelVersion, TriageResult
@@ -145,6 +146,29 @@ def test_localise_study_stores_boxes_and_masks_once_per_image_and_version(mammog
     assert {d.sop_instance_uid for d in found} == {instance.sop_instance_uid}
     mask_files = list((Path(settings.PRECEDENT_HOME) / "masks").rglob("*.png"))
     assert len(mask_files) == 2  # no stray copies from the second triage
+
+
+@pytest.mark.django_db
+def test_deleting_an_image_removes_its_mask_files_once_that_commits(
+    mammogram, ingest, settings, django_capture_on_commit_callbacks
+):
+    register_tiny_models()
+    kept, deleted = ingest(mammogram()), ingest(mammogram(patient_id="TRIAGE-2"))
+    home = Path(settings.PRECEDENT_HOME)
+    paths = {
+        name: [home / m.mask_path for m in SegmentationMask.objects.filter(instance=image)]
+        for name, image in (("kept", kept), ("deleted", deleted))
+    }
+    assert all(len(p) == 2 and all(f.is_file() for f in p) for p in paths.values())
+    with pytest.raises(RuntimeError), transaction.atomic():  # a rolled-back delete keeps them
+        deleted.delete()
+        raise RuntimeError
+    assert all(f.is_file() for f in paths["deleted"])
+    with django_capture_on_commit_callbacks(execute=True):
+        Instance.objects.get(sop_instance_uid=deleted.sop_instance_uid).delete()
+    assert not any(f.exists() for f in paths["deleted"])
+    assert not paths["deleted"][0].parent.exists()  # the image's folder of masks went with its last
+    assert all(f.is_file() for f in paths["kept"])
 
 
 @pytest.mark.django_db

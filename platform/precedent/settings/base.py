@@ -148,6 +148,9 @@ FILE_UPLOAD_TEMP_DIR.mkdir(exist_ok=True)
 PRECEDENT_MAX_UPLOAD_BYTES = env_int("PRECEDENT_MAX_UPLOAD_BYTES", 1024**3, minimum=1)
 # fsync each stored DICOM file before its row commits (durability over speed).
 PRECEDENT_FSYNC = env_bool("PRECEDENT_FSYNC", True)
+# Rendered PNGs (previews, thumbnails, WADO-RS renderings) kept under PRECEDENT_HOME/cache/render:
+# above this many MB the least recently used go (studies.render_cache).
+PRECEDENT_RENDER_CACHE_MB = env_int("PRECEDENT_RENDER_CACHE_MB", 2048, minimum=1)
 
 # Background jobs (embedding, triage): "thread" runs them in an in-process worker
 # (nothing to start), "celery" sends them to Celery (the default once a broker is
