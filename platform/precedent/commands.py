@@ -33,11 +33,17 @@ def per_item_logs(verbosity: int) -> Iterator[None]:
 
 
 def quiet_per_item_logs(handle: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a command's `handle` with `per_item_logs(verbosity)`."""
+    """Decorate a command's `handle` with `per_item_logs(verbosity)`, also over the
+    background jobs its work started: they are run before the levels are put back
+    (manage.py would run them just after, each logging its line)."""
 
     @functools.wraps(handle)
     def wrapper(self: Any, *args: Any, **options: Any) -> Any:
+        from precedent.tasks import finish_background_jobs
+
         with per_item_logs(options.get("verbosity", 1)):
-            return handle(self, *args, **options)
+            result = handle(self, *args, **options)
+            finish_background_jobs()
+            return result
 
     return wrapper

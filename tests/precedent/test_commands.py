@@ -3,6 +3,7 @@ their output unless asked (-v 2): `precedent.commands.quiet_per_item_logs`."""
 
 from __future__ import annotations
 
+import io
 import logging
 
 import pytest
@@ -39,3 +40,23 @@ def test_per_item_logs_hold_info_back_and_restore_the_level() -> None:
             assert logger.isEnabledFor(logging.INFO)
     finally:
         logger.setLevel(before)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_jobs_a_quiet_command_started_run_quietly_before_it_returns(settings, dicom_files, caplog, capsys) -> None:
+    """With the in-process worker, triage of what `ingest` stored waits for its series to
+    settle: it runs before the command returns, its lines held back with the rest."""
+    from django.core.management import call_command
+
+    from precedent import tasks
+
+    settings.PRECEDENT_WORKER = "thread"
+    settings.PRECEDENT_TRIAGE_SETTLE_SECONDS = 0.5
+    caplog.set_level(logging.INFO, logger=PER_ITEM_LOGGERS[0])
+    call_command("ingest", str(dicom_files / "pydicom-test_files" / "CT_small.dcm"), stdout=io.StringIO())
+    assert tasks.finish_background_jobs() == 0  # nothing left for manage.py to run
+    assert "background job(s)" in capsys.readouterr().err
+    assert not [r for r in caplog.records if " triaged " in r.getMessage()]
+    from triage.models import TriageResult
+
+    assert TriageResult.objects.count() == 1  # it did run
