@@ -17,6 +17,7 @@ data and every rendering of a file is found by one listing of one folder:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -85,6 +86,14 @@ class RenderCache:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    def shard_renderings(self, shard: str) -> list[tuple[str, Path, int]]:
+        """(SHA-256 of the file drawn, path, size) of every rendering in one shard."""
+        out = []
+        for path in self._shard(shard):
+            with contextlib.suppress(FileNotFoundError):
+                out.append((path.name.split("-", 1)[0], path, path.stat().st_size))
+        return out
 
     def usage(self) -> Usage:
         files = self._files()

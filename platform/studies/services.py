@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -504,6 +505,111 @@ def _decoded_frame(path: str, sha256: str, frame: int):  # noqa: ARG001 - sha256
     the last few decoded frames stay in memory while a user drags the window."""
     header = dicom.read_dataset(path, stop_before_pixels=True)
     return header, dicom.decode_frame(path, header, frame)
+
+
+# --- checking the store against the database -----------------------------------------------
+
+ORPHAN_GRACE_SECONDS = 3600  # a file younger than this may be an ingest's, its row not committed yet
+
+
+@dataclass
+class StoreReport:
+    """What `store_check` found. `missing` and `damaged` name SOP Instance UIDs (the rows
+    are kept: what to do with them is a person's decision); orphans are relative paths."""
+
+    instances: int = 0
+    bytes: int = 0
+    hashed: bool = False
+    missing: list[str] = field(default_factory=list)  # a row whose file is gone
+    damaged: list[str] = field(default_factory=list)  # a file whose size or SHA-256 is not its row's
+    orphans: list[str] = field(default_factory=list)  # a stored file no row points at
+    orphans_young: int = 0  # orphans left alone: perhaps an ingest under way
+    orphans_removed: int = 0
+    orphan_renderings: int = 0  # previews of files no row has
+    orphan_renderings_bytes: int = 0
+    orphan_renderings_removed: int = 0
+
+    @property
+    def consistent(self) -> bool:
+        """Nothing wrong is left: every row has its whole file, and every orphan found was removed."""
+        return (
+            not (self.missing or self.damaged)
+            and self.orphans_removed == len(self.orphans)
+            and (self.orphan_renderings_removed == self.orphan_renderings)
+        )
+
+
+def store_check(
+    *, deep: bool = False, fix: bool = False, grace_seconds: float = ORPHAN_GRACE_SECONDS, progress=None
+) -> StoreReport:
+    """Check PRECEDENT_HOME's DICOM files and renderings against the Instance rows, one
+    shard (first two hex digits of the SHA-256) at a time, rows and files side by side.
+
+    Every row needs its file at its size (with `deep`, also its SHA-256). A file no row
+    points at is an orphan (a process killed between placing a file and committing its
+    row leaves one); with `fix` it is removed, under its SOP Instance UID's ingest lock
+    and only if still unreferenced then, and only once older than `grace_seconds` (a
+    younger one may be an ingest's whose row has not committed yet). Renderings of files
+    no row has are removed with `fix` too. Rows are never changed.
+    """
+    store, cache = dicom_store(), render_cache()
+    report = StoreReport(hashed=deep)
+    rows = (
+        Instance.objects.order_by("sha256")
+        .values_list("sha256", "file_path", "size", "sop_instance_uid")
+        .iterator(chunk_size=10_000)
+    )
+    pending = next(rows, None)
+    cutoff = time.time() - grace_seconds
+    for shard in DicomStore.SHARDS:
+        shard_rows = []
+        while pending is not None and pending[0][:2] <= shard:
+            shard_rows.append(pending)
+            pending = next(rows, None)
+        files = store.shard_files(shard)
+        shas = set()
+        for sha256, relative, size, sop_instance_uid in shard_rows:
+            report.instances += 1
+            shas.add(sha256)
+            found = files.pop(relative, None)
+            if found is None:
+                report.missing.append(sop_instance_uid)
+                continue
+            report.bytes += found.size
+            if found.size != size or (deep and store.file_sha256(relative) != sha256):
+                report.damaged.append(sop_instance_uid)
+        for relative, found in sorted(files.items()):
+            report.orphans.append(relative)
+            if found.mtime > cutoff:
+                report.orphans_young += 1
+            elif fix and _remove_orphan(store, relative):
+                report.orphans_removed += 1
+        for sha256, path, size in cache.shard_renderings(shard):
+            if sha256 not in shas:
+                report.orphan_renderings += 1
+                report.orphan_renderings_bytes += size
+                if fix:
+                    path.unlink(missing_ok=True)
+                    report.orphan_renderings_removed += 1
+        if progress is not None:
+            progress()
+    return report
+
+
+def _remove_orphan(store: DicomStore, relative: str) -> bool:
+    """Remove a stored file no row pointed at, unless a row does by now: under the ingest
+    lock of the SOP Instance UID it holds (a file that does not read as DICOM was never
+    placed by an ingest, which validates first, so it needs no lock)."""
+    sha256 = Path(relative).stem
+    try:
+        sop_instance_uid = str(dicom.read_dataset(store.path(relative), stop_before_pixels=True).SOPInstanceUID)
+    except Exception:
+        if Instance.objects.filter(file_path=relative).exists():
+            return False
+        store.remove(relative)
+        return True
+    _remove_if_unreferenced(store, relative, sop_instance_uid, sha256)
+    return not store.path(relative).exists()
 
 
 # --- findings and cohorts ---------------------------------------------------------------

@@ -310,3 +310,32 @@ class DicomStore:
 
     def remove(self, relative: str) -> None:
         self.path(relative).unlink(missing_ok=True)
+
+    # --- checking the store against its index (`store check`) ---------------------------
+
+    SHARDS = tuple(f"{i:02x}" for i in range(256))  # the first folder level: a SHA-256's first two hex digits
+
+    def shard_files(self, shard: str) -> dict[str, StoredFile]:
+        """Every file stored under one shard (`dicom/<shard>/`), by relative path."""
+        files: dict[str, StoredFile] = {}
+        top = self.root / "dicom" / shard
+        for folder, _dirs, names in os.walk(top):
+            for name in names:
+                path = Path(folder) / name
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                    stat = path.stat()
+                    files[str(path.relative_to(self.root))] = StoredFile(stat.st_size, stat.st_mtime)
+        return files
+
+    def file_sha256(self, relative: str) -> str:
+        digest = hashlib.sha256()
+        with open(self.path(relative), "rb", buffering=0) as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    size: int
+    mtime: float
