@@ -159,6 +159,10 @@ class TriageResult(models.Model):
         help_text="set when a radiologist chose the category by hand",
     )
     created_at = models.DateTimeField(auto_now_add=True)
+    # The study's images when this was last computed, or found unchanged (count, newest
+    # id): an arrival job that finds the same pair has nothing new to triage.
+    images_seen = models.PositiveIntegerField(null=True, blank=True)
+    last_instance_id = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]

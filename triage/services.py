@@ -36,6 +36,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
+from django.db.models import Count, Max
 from django.utils import timezone
 from tqdm.auto import tqdm
 
@@ -1049,9 +1050,27 @@ def retriage_pending() -> Counter[str]:
 @job("triage.triage_series", settle=lambda: settings.PRECEDENT_TRIAGE_SETTLE_SECONDS)
 def triage_series(*, series_id: int) -> TriageResult | None:
     """Triage the study of a series: what arriving images ask for (the ingest knows
-    their series). The worker runs it once the series has settled, not per image."""
+    their series). The worker runs it once the series has settled, not per image.
+
+    Nothing is done when the study's current result already saw exactly the images the
+    study has now: the job of another worker process (each holds its own queue), or of
+    the study's other series, got there first. New images, deleted ones, a radiologist's
+    finding and a model or operating-point change each start a triage of their own."""
     study_id = Series.objects.filter(pk=series_id).values_list("study_id", flat=True).first()
-    return triage_study(study_id=study_id) if study_id is not None else None
+    if study_id is None:
+        return None
+    current = TriageResult.objects.filter(study_id=study_id, is_current=True).first()
+    if current is not None and current.images_seen is not None:
+        if (current.images_seen, current.last_instance_id) == _images_state(study_id):
+            return current
+    return triage_study(study_id=study_id)
+
+
+def _images_state(study_id: int) -> tuple[int, int | None]:
+    """(how many images, the newest image's id): ids only grow, so equal pairs are the
+    same set of images unless one was deleted and another stored between two looks."""
+    state = Instance.objects.filter(series__study_id=study_id).aggregate(n=Count("id"), last=Max("id"))
+    return state["n"], state["last"]
 
 
 @job("triage.triage_study")
@@ -1060,6 +1079,8 @@ def triage_study(*, study_id: int, recheck: bool = False) -> TriageResult | None
     study = Study.objects.filter(pk=study_id).first()
     if study is None:
         return None
+    # Before anything is read: the images judged below are these or newer ones.
+    images_state = _images_state(study_id)
     qualities = assess_study_images(study, recheck=recheck)
     images = [ImageVerdict(q.assessable, tuple(q.reasons)) for q in qualities]
     findings = [
@@ -1079,11 +1100,15 @@ def triage_study(*, study_id: int, recheck: bool = False) -> TriageResult | None
     decision = decide(
         images=images, findings=findings, rules=urgent_rules(), models=state, scores=scores, detections=detections
     )
-    return _record(study, decision, versions, point)
+    return _record(study, decision, versions, point, images_state)
 
 
 def _record(
-    study: Study, decision: Decision, versions: list[TriageModelVersion], point: OperatingPoint | None
+    study: Study,
+    decision: Decision,
+    versions: list[TriageModelVersion],
+    point: OperatingPoint | None,
+    images_state: tuple[int, int | None],
 ) -> TriageResult | None:
     qa_read = qa_read_for(study, decision.category)
     with transaction.atomic():
@@ -1091,9 +1116,10 @@ def _record(
         if not Study.objects.select_for_update().filter(pk=study.pk).exists():
             return None
         current = TriageResult.objects.filter(study=study, is_current=True).first()
+        seen = {"images_seen": images_state[0], "last_instance_id": images_state[1]}
         if current is not None:
             if current.is_manual and decision.category != Category.URGENT:
-                return current
+                return _saw(current, seen)
             unchanged = (
                 current.category == decision.category
                 and current.reasons == decision.reasons
@@ -1103,9 +1129,10 @@ def _record(
                 and {v.pk for v in current.model_versions.all()} == {v.pk for v in versions}
             )
             if unchanged:
-                return current
+                return _saw(current, seen)
             TriageResult.objects.filter(pk=current.pk).update(is_current=False)
         result = TriageResult.objects.create(
+            **seen,
             study=study,
             category=decision.category,
             reasons=decision.reasons,
@@ -1116,6 +1143,15 @@ def _record(
         result.model_versions.set(versions)
     log.info("study %s triaged %s: %s", study.study_instance_uid, result.category, "; ".join(result.reasons))
     return result
+
+
+def _saw(current: TriageResult, seen: dict[str, int | None]) -> TriageResult:
+    """The current result stands, now for these images too."""
+    if any(getattr(current, name) != value for name, value in seen.items()):
+        TriageResult.objects.filter(pk=current.pk).update(**seen)
+        for name, value in seen.items():
+            setattr(current, name, value)
+    return current
 
 
 def triage_studies(*, studies, recheck: bool = False, progress=None) -> Counter[str]:

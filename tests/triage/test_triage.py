@@ -85,6 +85,35 @@ def test_a_study_with_some_bad_images_waits_and_says_which(ingest, mammogram, fi
     assert TriageResult.objects.filter(study=study).count() == 2
 
 
+def test_an_arrival_job_for_images_already_triaged_does_nothing(
+    ingest, mammogram, monkeypatch, django_capture_on_commit_callbacks
+):
+    """Each worker process coalesces its own queue, and a study's series each start a
+    job: the jobs that find the current result computed on the very images the study
+    has now leave it be."""
+    uid = generate_uid()
+    first = ingest(mammogram(study_uid=uid))
+    study = study_of(first)
+    result = current(study)
+    assert (result.images_seen, result.last_instance_id) == (1, first.pk)
+    runs = []
+    real = services.triage_study
+    monkeypatch.setattr(services, "triage_study", lambda **kw: runs.append(kw) or real(**kw))
+
+    assert services.triage_series(series_id=first.series_id) == result and runs == []
+    second = ingest(mammogram(study_uid=uid, ImageLaterality="R"))  # another series of the study
+    assert runs == [{"study_id": study.pk}]  # new image: triaged
+    assert (current(study).images_seen, current(study).last_instance_id) == (2, second.pk)
+    services.triage_series(series_id=first.series_id)  # the first series' late job
+    assert len(runs) == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        Instance.objects.get(pk=second.pk).delete()
+    services.triage_series(series_id=first.series_id)  # one image fewer: triaged again
+    assert len(runs) == 2 and current(study).images_seen == 1
+    # An unchanged decision keeps its row and records what it saw.
+    assert TriageResult.objects.filter(study=study).count() == 1
+
+
 def test_a_radiologist_finding_of_an_urgent_class_makes_the_study_urgent(
     ingest, mammogram, django_capture_on_commit_callbacks
 ):
