@@ -27,7 +27,7 @@ from django.db.models import Case, Count, Exists, F, FilteredRelation, OuterRef,
 from django.db.models.functions import Coalesce
 from tqdm.auto import tqdm
 
-from embeddings.selectors import Hit, SearchError, similar_cases
+from embeddings.selectors import Hit, SearchError, SearchFilters, similar_cases
 from studies import dicom
 from studies import selectors as study_selectors
 from studies.errors import RenderError
@@ -199,7 +199,9 @@ def study_evidence(*, study: Study) -> list[Evidence]:
     if instance is None:
         return []
     try:
-        results = similar_cases(instance=instance, k=EVIDENCE_CANDIDATES)
+        # Priors of the same modality: a mammogram's evidence is other mammograms.
+        filters = SearchFilters(modality=instance.series.modality)
+        results = similar_cases(instance=instance, k=EVIDENCE_CANDIDATES, filters=filters)
     except SearchError:
         return []
     evidence = []

@@ -68,7 +68,11 @@ def test_find_similar_filter_and_compare(searchable, live_server, user, browser_
 
     # "Find similar" opens the search page with the image as the query.
     page.click("[data-find-similar]")
-    expect(page).to_have_url(live_server.url + f"{reverse('search:search')}?sop_instance_uid={query.sop_instance_uid}")
+    expect(page).to_have_url(
+        live_server.url
+        + f"{reverse('search:search')}?sop_instance_uid={query.sop_instance_uid}&modality={query.series.modality}"
+    )
+    expect(page.locator("select[name=modality]")).to_have_value(query.series.modality)
     hits = page.locator("[data-hit]")
     expect(hits).to_have_count(10)  # k = 10: every image of the 5 other patients
     page.wait_for_function(f"() => ({IMAGES_LOADED})([...document.querySelectorAll('[data-hit] img')])")

@@ -393,7 +393,9 @@ def test_viewer_offers_find_similar_and_the_box_tool(browser_client, archive):
     study = instance.series.study
     url = reverse("studies:viewer", args=[study.study_instance_uid, instance.sop_instance_uid])
     html = browser_client.get(url, HTTP_HX_REQUEST="true", HTTP_HX_TARGET="viewer-slot").content.decode()
-    search_url = f"{SEARCH}?sop_instance_uid={instance.sop_instance_uid}"
+    # Priors of the image's own modality, which the sidebar shows chosen and can widen.
+    search_url = f"{SEARCH}?sop_instance_uid={instance.sop_instance_uid}&amp;modality={instance.series.modality}"
+    assert instance.series.modality
     assert f'data-find-similar href="{search_url}"' in html
     assert f'data-find-lesions data-href="{search_url}" aria-disabled="true"' in html
     assert 'data-tool="box"' in html and "data-selection-rect" in html

@@ -223,6 +223,10 @@ def test_flagged_studies_show_similar_confirmed_cases(
     embedding_services.encoder_activate(encoder=version, wait=True)
 
     instance = ingest(mammogram(patient_id="FLAGGED"))
+    # The same pixels as another patient's chest film with a confirmed outcome: the nearest
+    # image there is, and no evidence for a mammogram.
+    film = ingest(mammogram(patient_id="CHEST", Modality="DX", BodyPartExamined="CHEST"))
+    Finding.objects.create(instance=film, pathology="benign", abnormality_class="nodule", source="dataset")
     with django_capture_on_commit_callbacks(execute=True):
         Finding.objects.create(instance=instance, pathology="malignant", abnormality_class="SPIC", source="radiologist")
     uid = instance.series.study.study_instance_uid
@@ -230,6 +234,9 @@ def test_flagged_studies_show_similar_confirmed_cases(
     assert "Similar confirmed cases" in html
     links = re.findall(r'href="/studies/([0-9.]+)/\?instance=', html)
     assert len(links) == 3 and uid not in links
+    # Evidence for a mammogram is other mammograms, whatever else the index holds.
+    assert film.series.study.study_instance_uid not in links
+    assert set(Study.objects.filter(study_instance_uid__in=links).values_list("series__modality", flat=True)) == {"MG"}
     assert set(re.findall(r'class="badge (\w+)"', html)) <= {"malignant", "benign", "normal"}
 
 
