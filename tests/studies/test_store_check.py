@@ -45,6 +45,7 @@ def test_a_consistent_store_passes(stored, precedent_home: Path) -> None:
     assert "3 instances" in output and "size and SHA-256" in output
     assert "files missing (instance rows kept): 0" in output and "files no instance has: 0" in output
     assert "previews of files no instance has: 0" in output and "the store matches the database" in output
+    assert "previews cached: 1 file," in output and "of 2048 MB (PRECEDENT_RENDER_CACHE_MB)" in output
 
 
 def test_missing_and_damaged_files_are_reported_and_their_rows_kept(stored, precedent_home: Path) -> None:

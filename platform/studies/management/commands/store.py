@@ -62,6 +62,12 @@ class Command(BaseCommand):
             renderings += f" ({report.orphan_renderings_bytes / 2**20:.1f} MB)"
             renderings += f", {report.orphan_renderings_removed} removed" if options["fix"] else " (--fix removes them)"
         self.stdout.write(renderings)
+        cache = services.render_cache()
+        usage = cache.usage()
+        self.stdout.write(
+            f"previews cached: {usage.files} file{'' if usage.files == 1 else 's'}, {usage.bytes / 2**20:.1f} MB of "
+            f"{cache.max_bytes / 2**20:.0f} MB (PRECEDENT_RENDER_CACHE_MB)"
+        )
         if not report.consistent:
             raise CommandError("the store and the database disagree (see above)")
         self.stdout.write(self.style.SUCCESS("the store matches the database"))
