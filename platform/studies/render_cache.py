@@ -26,6 +26,9 @@ from pathlib import Path
 
 TRIM_TO = 0.8  # a trim leaves the cache at this share of its bound, so it is not trimmed again at once
 STALE_PART_SECONDS = 3600  # a `.part` file this old was left by a process that died mid-write
+# A rendering used this recently is never trimmed: a request that has just found it is
+# about to open it. The cache may pass its bound for that long.
+IN_USE_SECONDS = 60
 MARKER = ".checked"
 
 
@@ -113,15 +116,17 @@ class RenderCache:
 
     def trim(self) -> Trimmed:
         """Bring the cache under its bound: when it holds more than `max_bytes`, remove
-        the renderings used least recently until it holds at most TRIM_TO of that.
+        the renderings used least recently until it holds at most TRIM_TO of that (none
+        used in the last IN_USE_SECONDS: a request may be about to open it).
         Also removes `.part` files left by a process that died while writing."""
         files = self._files()
         total = sum(size for _, size, _ in files)
         removed = freed = 0
         if total > self.max_bytes:
             target = self.max_bytes * TRIM_TO
-            for _, size, path in sorted(files, key=lambda f: f[0]):
-                if total - freed <= target:
+            in_use = time.time() - IN_USE_SECONDS
+            for mtime, size, path in sorted(files, key=lambda f: f[0]):
+                if total - freed <= target or mtime > in_use:
                     break
                 path.unlink(missing_ok=True)
                 removed += 1

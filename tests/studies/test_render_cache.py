@@ -61,6 +61,22 @@ def test_trim_removes_the_least_recently_used_down_to_the_trim_share(tmp_path: P
     assert cache.trim().files == 0  # under the bound: nothing goes
 
 
+def test_trim_never_removes_a_rendering_just_used(tmp_path: Path) -> None:
+    """A request that found a rendering opens it next: trimming waits for it, even
+    when that leaves the cache over its bound for a while."""
+    cache = RenderCache(tmp_path, max_bytes=1000)
+    old = cache.put(SHA_A, "f1-default-s0", bytes(600))
+    _age(old, 600)
+    recent = cache.put(SHA_B, "f1-default-s0", bytes(600))
+    trimmed = cache.trim()
+    assert (trimmed.files, old.exists(), recent.exists()) == (1, False, True)
+    big = cache.put(SHA_C, "f1-default-s0", bytes(2000))  # over the bound on its own, just used
+    assert cache.trim().files == 0 and big.exists() and recent.exists()
+    _age(big, 600)
+    _age(recent, 300)
+    assert cache.trim().files == 1 and not big.exists() and recent.exists()  # in use no more: oldest first
+
+
 def test_trim_removes_parts_left_by_a_dead_writer(tmp_path: Path) -> None:
     cache = RenderCache(tmp_path, max_bytes=10**6)
     cache.put(SHA_A, "f1-default-s0", b"png")
@@ -77,7 +93,8 @@ def test_the_size_is_checked_at_most_once_per_interval_across_instances(tmp_path
     first = RenderCache(tmp_path, max_bytes=100, check_seconds=60)
     assert first.trim_if_due() is not None and (tmp_path / MARKER).exists()
     for i in range(3):
-        RenderCache(tmp_path, max_bytes=100, check_seconds=60).put(f"{i:02d}" + "0" * 62, "x", bytes(80))
+        path = RenderCache(tmp_path, max_bytes=100, check_seconds=60).put(f"{i:02d}" + "0" * 62, "x", bytes(80))
+        _age(path, 300 - i)
     assert RenderCache(tmp_path, max_bytes=100).usage().bytes == 240  # over the bound until the next check
     _age(tmp_path / MARKER, 120)
     due = RenderCache(tmp_path, max_bytes=100, check_seconds=60).trim_if_due()
