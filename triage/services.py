@@ -21,10 +21,12 @@ set by hand stands until a re-triage finds the study urgent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -47,7 +49,16 @@ from studies.models import Cohort, Finding, Instance, Series, Study
 from studies.services import dicom_store
 
 from . import quality
-from .models import Category, ImageQuality, OperatingPoint, StudyRead, TriageAudit, TriageModelVersion, TriageResult
+from .models import (
+    Category,
+    ImageQuality,
+    OperatingPoint,
+    SegmentationMask,
+    StudyRead,
+    TriageAudit,
+    TriageModelVersion,
+    TriageResult,
+)
 
 if TYPE_CHECKING:  # torch is imported lazily: the worklist alone never needs it
     from torch import nn
@@ -1152,6 +1163,58 @@ def _saw(current: TriageResult, seen: dict[str, int | None]) -> TriageResult:
         for name, value in seen.items():
             setattr(current, name, value)
     return current
+
+
+@dataclass
+class MaskFilesReport:
+    """`mask_files_check`: mask rows whose PNG is gone, and PNGs no row has."""
+
+    rows: int = 0
+    missing: int = 0
+    orphans: int = 0
+    orphans_young: int = 0
+    orphans_removed: int = 0
+
+    @property
+    def consistent(self) -> bool:
+        return not self.missing and self.orphans_removed == self.orphans
+
+
+def mask_files_check(*, fix: bool = False, grace_seconds: float = 3600) -> MaskFilesReport:
+    """The segmentation masks under PRECEDENT_HOME/masks/triage against their rows, one
+    model version's folder at a time (`store check` runs it). A mask is written before
+    its row, and removed again when the row cannot be stored, so an orphan is what a
+    killed process left: with `fix`, removed once older than `grace_seconds`."""
+    from .localisation import MASKS_DIR  # lazily, as everywhere here
+
+    home = Path(settings.PRECEDENT_HOME)
+    report = MaskFilesReport()
+    cutoff = time.time() - grace_seconds
+    root = home / MASKS_DIR
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    names = {p.name for p in folders} | set(
+        TriageModelVersion.objects.filter(masks__isnull=False).values_list("name", flat=True)
+    )
+    for name in sorted(names):
+        rows = set(SegmentationMask.objects.filter(model_version__name=name).values_list("mask_path", flat=True))
+        report.rows += len(rows)
+        files = {str(p.relative_to(home)): p for p in (root / name).rglob("*.png")}
+        report.missing += len(rows - files.keys())
+        for relative in sorted(files.keys() - rows):
+            report.orphans += 1
+            path = files[relative]
+            try:
+                young = path.stat().st_mtime > cutoff
+            except FileNotFoundError:
+                continue
+            if young:
+                report.orphans_young += 1
+            elif fix and not SegmentationMask.objects.filter(mask_path=relative).exists():
+                path.unlink(missing_ok=True)
+                report.orphans_removed += 1
+                with contextlib.suppress(OSError):  # the image's other masks are still there
+                    path.parent.rmdir()
+    return report
 
 
 def triage_studies(*, studies, recheck: bool = False, progress=None) -> Counter[str]:

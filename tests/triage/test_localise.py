@@ -172,6 +172,40 @@ def test_deleting_an_image_removes_its_mask_files_once_that_commits(
 
 
 @pytest.mark.django_db
+def test_store_check_reconciles_mask_files_with_their_rows(mammogram, ingest, settings):
+    """A mask row whose PNG is gone is reported; a PNG no row has (a process killed
+    between writing it and storing its row) is removed by --fix once old enough."""
+    import io
+    import os
+    import time
+
+    from django.core.management import CommandError, call_command
+
+    register_tiny_models()
+    instance = ingest(mammogram())
+    home = Path(settings.PRECEDENT_HOME)
+    breast, lesion = SegmentationMask.objects.filter(instance=instance).order_by("label")
+    out = io.StringIO()
+    call_command("store", "check", stdout=out)
+    assert "segmentation masks: 2, files missing: 0" in out.getvalue()
+
+    stray = (home / lesion.mask_path).with_name("lesion-killedwriter.png")
+    stray.write_bytes((home / lesion.mask_path).read_bytes())
+    (home / breast.mask_path).unlink()
+    with pytest.raises(CommandError):
+        call_command("store", "check", "--fix", stdout=(out := io.StringIO()))
+    assert "segmentation masks: 2, files missing: 1" in out.getvalue()
+    assert "mask files no mask has: 1, 0 removed, 1 younger than 60 min left alone" in out.getvalue()
+    then = time.time() - 7200
+    os.utime(stray, (then, then))
+    with pytest.raises(CommandError):  # the missing one is still missing: rows are never touched
+        call_command("store", "check", "--fix", stdout=(out := io.StringIO()))
+    assert "mask files no mask has: 1, 1 removed" in out.getvalue()
+    assert not stray.exists() and (home / lesion.mask_path).exists()
+    assert SegmentationMask.objects.filter(instance=instance).count() == 2
+
+
+@pytest.mark.django_db
 def test_detections_reach_the_triage_decision(mammogram, ingest, settings):
     settings.PRECEDENT_TRIAGE_SUSPICIOUS_DETECTION_SCORE = 0.0  # any box of the untrained detector counts
     register_tiny_models()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm.auto import tqdm
 
@@ -15,7 +16,7 @@ SHOWN = 10  # SOP Instance UIDs or paths listed per problem; the counts are whol
 
 class Command(BaseCommand):
     help = (
-        "Check the DICOM files and rendered previews under PRECEDENT_HOME against the database: every "
+        "Check the DICOM files, rendered previews and mask files under PRECEDENT_HOME against the database: every "
         "instance's file present at its size (--deep: and its SHA-256), no file without its instance. "
         "--fix removes files and previews no instance has (never a row). Exits 1 when something is left wrong."
     )
@@ -62,13 +63,26 @@ class Command(BaseCommand):
             renderings += f" ({report.orphan_renderings_bytes / 2**20:.1f} MB)"
             renderings += f", {report.orphan_renderings_removed} removed" if options["fix"] else " (--fix removes them)"
         self.stdout.write(renderings)
+        consistent = report.consistent
+        if apps.is_installed("triage"):  # the detector's and segmenter's masks are files too
+            from triage.services import mask_files_check
+
+            masks = mask_files_check(fix=options["fix"], grace_seconds=options["grace_minutes"] * 60)
+            self.stdout.write(f"segmentation masks: {masks.rows}, files missing: {masks.missing}")
+            line = f"mask files no mask has: {masks.orphans}"
+            if masks.orphans:
+                line += f", {masks.orphans_removed} removed" if options["fix"] else " (--fix removes them)"
+                if masks.orphans_young:
+                    line += f", {masks.orphans_young} younger than {options['grace_minutes']:g} min left alone"
+            self.stdout.write(line)
+            consistent = consistent and masks.consistent
         cache = services.render_cache()
         usage = cache.usage()
         self.stdout.write(
             f"previews cached: {usage.files} file{'' if usage.files == 1 else 's'}, {usage.bytes / 2**20:.1f} MB of "
             f"{cache.max_bytes / 2**20:.0f} MB (PRECEDENT_RENDER_CACHE_MB)"
         )
-        if not report.consistent:
+        if not consistent:
             raise CommandError("the store and the database disagree (see above)")
         self.stdout.write(self.style.SUCCESS("the store matches the database"))
 
