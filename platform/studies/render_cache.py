@@ -90,12 +90,13 @@ class RenderCache:
                 removed += 1
         return removed
 
-    def shard_renderings(self, shard: str) -> list[tuple[str, Path, int]]:
-        """(SHA-256 of the file drawn, path, size) of every rendering in one shard."""
+    def shard_renderings(self, shard: str) -> list[tuple[str, Path, int, float]]:
+        """(SHA-256 of the file drawn, path, size, mtime) of every rendering in one shard."""
         out = []
         for path in self._shard(shard):
             with contextlib.suppress(FileNotFoundError):
-                out.append((path.name.split("-", 1)[0], path, path.stat().st_size))
+                stat = path.stat()
+                out.append((path.name.split("-", 1)[0], path, stat.st_size, stat.st_mtime))
         return out
 
     def usage(self) -> Usage:

@@ -550,7 +550,7 @@ def store_check(
     row leaves one); with `fix` it is removed, under its SOP Instance UID's ingest lock
     and only if still unreferenced then, and only once older than `grace_seconds` (a
     younger one may be an ingest's whose row has not committed yet). Renderings of files
-    no row has are removed with `fix` too. Rows are never changed.
+    no row has, past the same grace, are removed with `fix` too. Rows are never changed.
     """
     store, cache = dicom_store(), render_cache()
     report = StoreReport(hashed=deep)
@@ -584,8 +584,9 @@ def store_check(
                 report.orphans_young += 1
             elif fix and _remove_orphan(store, relative):
                 report.orphans_removed += 1
-        for sha256, path, size in cache.shard_renderings(shard):
-            if sha256 not in shas:
+        for sha256, path, size, mtime in cache.shard_renderings(shard):
+            # A young one may be of an instance stored since the rows were read.
+            if sha256 not in shas and mtime <= cutoff:
                 report.orphan_renderings += 1
                 report.orphan_renderings_bytes += size
                 if fix:

@@ -85,17 +85,19 @@ def test_orphans_are_removed_with_fix_once_old_enough(stored, precedent_home: Pa
     with pytest.raises(CommandError):  # young files: maybe an ingest under way, left alone
         call_command("store", "check", "--fix", stdout=(output := io.StringIO()))
     assert "files no instance has: 2, 0 removed, 2 younger than 60 min left alone" in output.getvalue()
-    # Previews are re-drawn on demand: those of a file no row has go at once.
-    assert "previews of files no instance has: 1 (" in output.getvalue() and ", 1 removed" in output.getvalue()
+    assert "previews of files no instance has: 0" in output.getvalue()  # young too: left alone
     assert orphan.exists() and junk.exists()
 
-    for path in (orphan, junk):
+    stale_preview = next((precedent_home / "cache" / "render").rglob(f"{gone.sha256}-*.png"))
+    for path in (orphan, junk, stale_preview):
         _age(path, 2 * 3600)
     with pytest.raises(CommandError):  # without --fix: reported, kept
-        run()
-    assert orphan.exists()
+        call_command("store", "check", stdout=(output := io.StringIO()))
+    assert "previews of files no instance has: 1 (" in output.getvalue()
+    assert orphan.exists() and stale_preview.exists()
     output = run("--fix")
-    assert "files no instance has: 2, 2 removed" in output and "previews of files no instance has: 0" in output
+    assert "files no instance has: 2, 2 removed" in output and ", 1 removed" in output.split("previews of")[1]
+    assert not stale_preview.exists()
     assert not orphan.exists() and not junk.exists()
     assert len(list((precedent_home / "cache" / "render").rglob("*.png"))) == 1  # stored[1]'s preview stays
     assert "the store matches the database" in run("--deep")

@@ -18,14 +18,17 @@ class Command(BaseCommand):
     help = (
         "Check the DICOM files, rendered previews and mask files under PRECEDENT_HOME against the database: every "
         "instance's file present at its size (--deep: and its SHA-256), no file without its instance. "
-        "--fix removes files and previews no instance has (never a row). Exits 1 when something is left wrong."
+        "--fix removes files, previews and masks nothing in the database has (never a row). Exits 1 when something "
+        "is left wrong."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
         check = sub.add_parser("check", help="compare the store with the database")
         check.add_argument("--deep", action="store_true", help="also hash every file (reads the whole store)")
-        check.add_argument("--fix", action="store_true", help="remove files and previews that no instance has")
+        check.add_argument(
+            "--fix", action="store_true", help="remove files, previews and masks that nothing in the database has"
+        )
         check.add_argument(
             "--grace-minutes",
             type=float,
