@@ -53,12 +53,9 @@ class Command(BaseCommand):
         )
         self._problem("files missing (instance rows kept)", report.missing)
         self._problem("files damaged: size or SHA-256 differs from the row (rows kept)", report.damaged)
-        orphans = f"files no instance has: {len(report.orphans)}"
-        if report.orphans:
-            orphans += f", {report.orphans_removed} removed" if options["fix"] else " (--fix removes them)"
-            if report.orphans_young:
-                orphans += f", {report.orphans_young} younger than {options['grace_minutes']:g} min left alone"
-        self.stdout.write(orphans)
+        self._orphans(
+            "files no instance has", len(report.orphans), report.orphans_removed, report.orphans_young, options
+        )
         for relative in report.orphans[:SHOWN]:
             self.stdout.write(f"  {relative}")
         renderings = f"previews of files no instance has: {report.orphan_renderings}"
@@ -72,12 +69,7 @@ class Command(BaseCommand):
 
             masks = mask_files_check(fix=options["fix"], grace_seconds=options["grace_minutes"] * 60)
             self.stdout.write(f"segmentation masks: {masks.rows}, files missing: {masks.missing}")
-            line = f"mask files no mask has: {masks.orphans}"
-            if masks.orphans:
-                line += f", {masks.orphans_removed} removed" if options["fix"] else " (--fix removes them)"
-                if masks.orphans_young:
-                    line += f", {masks.orphans_young} younger than {options['grace_minutes']:g} min left alone"
-            self.stdout.write(line)
+            self._orphans("mask files no mask has", masks.orphans, masks.orphans_removed, masks.orphans_young, options)
             consistent = consistent and masks.consistent
         cache = services.render_cache()
         usage = cache.usage()
@@ -88,6 +80,14 @@ class Command(BaseCommand):
         if not consistent:
             raise CommandError("the store and the database disagree (see above)")
         self.stdout.write(self.style.SUCCESS("the store matches the database"))
+
+    def _orphans(self, what: str, found: int, removed: int, young: int, options: dict[str, Any]) -> None:
+        line = f"{what}: {found}"
+        if found:
+            line += f", {removed} removed" if options["fix"] else " (--fix removes them)"
+            if young:
+                line += f", {young} younger than {options['grace_minutes']:g} min left alone"
+        self.stdout.write(line)
 
     def _problem(self, what: str, uids: list[str]) -> None:
         self.stdout.write(f"{what}: {len(uids)}")
