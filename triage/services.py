@@ -1065,8 +1065,9 @@ def triage_series(*, series_id: int) -> TriageResult | None:
 
     Nothing is done when the study's current result already saw exactly the images the
     study has now: the job of another worker process (each holds its own queue), or of
-    the study's other series, got there first. New images, deleted ones, a radiologist's
-    finding and a model or operating-point change each start a triage of their own."""
+    the study's other series, got there first. New images, a radiologist's finding and a
+    model or operating-point change each start a triage of their own; an image deleted
+    since the result changes the count, so the next arrival job runs in full."""
     study_id = Series.objects.filter(pk=series_id).values_list("study_id", flat=True).first()
     if study_id is None:
         return None
