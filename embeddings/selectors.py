@@ -11,11 +11,14 @@ import numpy as np
 from django.db import connection
 from django.db.models import Q, QuerySet
 
+from precedent.lazy import lazy_module
 from studies.models import Finding, Instance
 
-from . import encoder as enc
 from . import services
 from .models import Embedding, EncoderVersion
+
+# torch on first use: most processes that load this module (any manage.py command) never embed.
+enc = lazy_module("embeddings.encoder")
 
 Kind = Embedding.Kind
 MAX_K = 100

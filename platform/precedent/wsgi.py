@@ -10,3 +10,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "precedent.settings.production")
 from django.core.wsgi import get_wsgi_application  # noqa: E402
 
 application = get_wsgi_application()
+
+# A serving process embeds new images and answers searches: load torch now, at start,
+# not in its first search (commands load it only when they embed or train).
+import embeddings.encoder  # noqa: E402, F401
