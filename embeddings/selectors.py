@@ -11,14 +11,14 @@ import numpy as np
 from django.db import connection
 from django.db.models import Q, QuerySet
 
-from precedent.lazy import lazy_module
+from precedent.lazy import LazyModule
 from studies.models import Finding, Instance
 
 from . import services
 from .models import Embedding, EncoderVersion
 
 # torch on first use: most processes that load this module (any manage.py command) never embed.
-enc = lazy_module("embeddings.encoder")
+enc = LazyModule("embeddings.encoder")
 
 Kind = Embedding.Kind
 MAX_K = 100

@@ -34,7 +34,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from precedent.db import write_while_targets_exist
-from precedent.lazy import lazy_module
+from precedent.lazy import LazyModule
 from precedent.tasks import enqueue, job
 from studies import dicom
 from studies.errors import RenderError
@@ -44,7 +44,7 @@ from studies.services import dicom_store
 from .models import Embedding, EmbeddingTombstone, EncoderVersion
 
 # torch on first use: most processes that load this module (any manage.py command) never embed.
-enc = lazy_module("embeddings.encoder")
+enc = LazyModule("embeddings.encoder")
 
 log = logging.getLogger(__name__)
 Kind = Embedding.Kind

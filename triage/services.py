@@ -1192,10 +1192,9 @@ def mask_files_check(*, fix: bool = False, grace_seconds: float = 3600) -> MaskF
     report = MaskFilesReport()
     cutoff = time.time() - grace_seconds
     root = home / MASKS_DIR
-    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    names = {p.name for p in folders} | set(
-        TriageModelVersion.objects.filter(masks__isnull=False).values_list("name", flat=True)
-    )
+    on_disk = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+    with_rows = TriageModelVersion.objects.filter(masks__isnull=False).distinct().values_list("name", flat=True)
+    names = on_disk | set(with_rows)
     for name in sorted(names):
         rows = set(SegmentationMask.objects.filter(model_version__name=name).values_list("mask_path", flat=True))
         report.rows += len(rows)

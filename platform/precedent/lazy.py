@@ -19,16 +19,8 @@ class LazyModule(ModuleType):
     whose per-module lock makes two threads that reach it at once share one import;
     importlib's own LazyLoader is not thread-safe on Python 3.11."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-
     def __getattr__(self, attribute: str) -> Any:  # only for what the proxy itself lacks
         return getattr(importlib.import_module(self.__name__), attribute)
 
     def __repr__(self) -> str:
         return f"<lazy module {self.__name__!r}>"
-
-
-def lazy_module(name: str) -> ModuleType:
-    """A stand-in for module `name` that imports it on first use."""
-    return LazyModule(name)

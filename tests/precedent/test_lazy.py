@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 
-from precedent.lazy import lazy_module
+from precedent.lazy import LazyModule
 from tests.conftest import REPO_ROOT
 
 STARTUP = """
@@ -38,7 +38,7 @@ def test_django_starts_without_torch(precedent_home) -> None:
 
 
 def test_a_lazy_module_is_the_module_once_used_from_many_threads() -> None:
-    encoder = lazy_module("embeddings.encoder")
+    encoder = LazyModule("embeddings.encoder")
     seen = []
     threads = [threading.Thread(target=lambda: seen.append(encoder.Encoder)) for _ in range(8)]
     for thread in threads:
