@@ -262,10 +262,18 @@ def _segmenter(train: list[Film], test: list[Film], args: argparse.Namespace, de
     }
 
 
-def run_task(job: tuple[str, int, argparse.Namespace]) -> dict:
-    """Train and score one task of one fold; an error comes back as the result (with
-    its traceback), so one failed training does not lose the others' figures."""
-    task, fold, args = job
+def member_seed(seed: int, member: int) -> int:
+    """The training seed of one member of an ensemble. Member 0 trains with --seed
+    itself, so a run without --members is the run it always was; the folds always
+    come from --seed, so every member holds out the same patients."""
+    return seed + 1000 * member
+
+
+def run_task(job: tuple[str, int, int, argparse.Namespace]) -> dict:
+    """Train and score one task of one fold (one ensemble member); an error comes back
+    as the result (with its traceback), so one failed training does not lose the
+    others' figures."""
+    task, fold, member, args = job
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     try:
@@ -274,13 +282,71 @@ def run_task(job: tuple[str, int, argparse.Namespace]) -> dict:
         assignment = patient_folds(films, args.folds, args.seed)
         train = [f for f in films if assignment[f.patient] != fold]
         test = [f for f in films if assignment[f.patient] == fold]
+        member_args = argparse.Namespace(**{**vars(args), "seed": member_seed(args.seed, member)})
         result = {"classifier": _classifier, "detector": _detector, "segmenter": _segmenter}[task](
-            train, test, args, device
+            train, test, member_args, device
         )
     except Exception:
         result = {"error": traceback.format_exc(limit=8)}
-    result.update(task=task, fold=fold, wall_seconds=round(time.perf_counter() - started, 1))
+    result.update(task=task, fold=fold, member=member, wall_seconds=round(time.perf_counter() - started, 1))
     return result
+
+
+# --- combining the members of an ensemble -------------------------------------------------------
+
+
+def fuse_boxes(members: list[list[list[float]]], min_iou: float = 0.5) -> list[list[float]]:
+    """Weighted box fusion (Solovyev et al. 2021) of several detectors' boxes on one
+    image, each box [score, x0, y0, x1, y1]. Boxes are taken best first; each joins the
+    first cluster whose fused box it overlaps by at least `min_iou`, else starts one. A
+    cluster's box is the score-weighted mean of its boxes, and its score the sum of each
+    member's best score in it divided by the number of members: a lesion all members
+    find keeps its score, a mark only one member makes is discounted."""
+    n = len(members)
+    if n == 0:
+        return []
+    ranked = sorted(((box[0], m, box[1:]) for m, boxes in enumerate(members) for box in boxes), key=lambda t: -t[0])
+    clusters: list[dict] = []
+    for score, member, coords in ranked:
+        for cluster in clusters:
+            if loc.iou(tuple(cluster["box"]), tuple(coords)) >= min_iou:
+                break
+        else:
+            cluster = {"parts": [], "box": list(coords)}
+            clusters.append(cluster)
+        cluster["parts"].append((score, member, coords))
+        weight = sum(s for s, _, _ in cluster["parts"])
+        cluster["box"] = [sum(s * c[i] for s, _, c in cluster["parts"]) / weight for i in range(4)]
+    fused = []
+    for cluster in clusters:
+        best: dict[int, float] = {}
+        for score, member, _ in cluster["parts"]:
+            best[member] = max(best.get(member, 0.0), score)
+        fused.append([sum(best.values()) / n, *cluster["box"]])
+    return sorted(fused, key=lambda b: -b[0])
+
+
+def combine_members(results: list[dict]) -> list[dict]:
+    """One result per task and fold from its members' results: classifier scores
+    averaged, detector boxes fused, Dice averaged; the trunk features are member 0's."""
+    grouped: dict[tuple[str, int], list[dict]] = {}
+    for result in sorted(results, key=lambda r: r.get("member", 0)):
+        grouped.setdefault((result["task"], result["fold"]), []).append(result)
+    combined = []
+    for (task, fold), parts in grouped.items():
+        merged: dict[str, Any] = {"task": task, "fold": fold, "training": parts[0]["training"]}
+        if task == "classifier":
+            merged["scores"] = {
+                k: [float(np.mean([p["scores"][k][i] for p in parts])) for i in (0, 1)] for k in parts[0]["scores"]
+            }
+            merged["features"] = parts[0]["features"]
+        elif task == "detector":
+            merged["boxes"] = {k: fuse_boxes([p["boxes"][k] for p in parts]) for k in parts[0]["boxes"]}
+        else:
+            for key in ("lesion_dice", "breast_dice"):
+                merged[key] = {k: float(np.mean([p[key][k] for p in parts])) for k in parts[0][key]}
+        combined.append(merged)
+    return combined
 
 
 # --- pooling the folds ------------------------------------------------------------------------
@@ -419,11 +485,58 @@ def _raw_pixels(film: Film, side: int = 32) -> np.ndarray:
 
 
 def summarise(films: list[Film], results: list[dict], args: argparse.Namespace, out: Path | None) -> dict:
+    """The report. With several members, each member is scored on its own first
+    (`members`), and the figures above them are the ensemble's."""
+    errors = [{k: r[k] for k in ("task", "fold", "member", "error") if k in r} for r in results if "error" in r]
+    results = [r for r in results if "error" not in r]
+    members = sorted({r.get("member", 0) for r in results})
+    if len(members) <= 1:
+        return _summarise(films, results, errors, args, out)
+    per_member = []
+    for member in members:
+        alone = _summarise(films, [r for r in results if r.get("member", 0) == member], [], args, None)
+        per_member.append(
+            {
+                "member": member,
+                "seed": member_seed(args.seed, member),
+                "classifier_auc": alone.get("classifier", {}).get("auc"),
+                "classifier_rule_out": alone.get("classifier", {}).get("rule_out_at_full_sensitivity"),
+                "detector_froc": alone.get("detector", {}).get("froc", {}).get("sensitivity_at"),
+                "detector_auc": alone.get("detector", {}).get("exam", {}).get("auc"),
+                "fused_auc": alone.get("fused", {}).get("auc"),
+            }
+        )
+    report = _summarise(films, combine_members(results), errors, args, out)
+    report["training"] = {
+        task: [{"member": r.get("member", 0), "fold": r["fold"], **r["training"]} for r in results if r["task"] == task]
+        for task in TASKS
+    }
+    report["members"] = per_member
+    return report
+
+
+def _asymmetry(films: list[Film], image_score: dict[str, float]) -> dict[str, float]:
+    """Each film's score minus its contralateral film's (floored at 0): an exam's max of
+    these is the gap between its two breasts. Exploratory: a lesion is usually in one
+    breast, while density and film quality, which also move a score, are shared."""
+    by_patient: dict[str, list[Film]] = {}
+    for f in films:
+        if f.refnum in image_score:
+            by_patient.setdefault(f.patient, []).append(f)
+    out = {}
+    for group in by_patient.values():
+        for f in group:
+            others = [image_score[g.refnum] for g in group if g.refnum != f.refnum]
+            out[f.refnum] = max(0.0, image_score[f.refnum] - max(others)) if others else image_score[f.refnum]
+    return out
+
+
+def _summarise(
+    films: list[Film], results: list[dict], errors: list[dict], args: argparse.Namespace, out: Path | None
+) -> dict:
     fold_of = patient_folds(films, args.folds, args.seed)
     by_task: dict[str, dict[str, Any]] = {task: {} for task in TASKS}
     training_runs: dict[str, list[dict]] = {task: [] for task in TASKS}
-    errors = [{k: r[k] for k in ("task", "fold", "error")} for r in results if "error" in r]
-    results = [r for r in results if "error" not in r]
     for result in results:
         training_runs[result["task"]].append({"fold": result["fold"], **result["training"]})
         for key, value in result.items():
@@ -444,6 +557,9 @@ def summarise(films: list[Film], results: list[dict], args: argparse.Namespace, 
         exam = _score_report(films, p_abnormal, fold_of, args.folds)
         curves["classifier"] = exam.pop("curve")
         report["classifier"] = {**exam, "malignant": _malignant_auc(films, {k: v[1] for k, v in cls["scores"].items()})}
+        asymmetry = _score_report(films, _asymmetry(films, p_abnormal), fold_of, args.folds)
+        asymmetry.pop("curve")
+        report["classifier_asymmetry"] = asymmetry
         vectors = {k: np.asarray(v, dtype=np.float32) for k, v in cls["features"].items()}
         report["retrieval"] = {
             "classifier_trunk": _retrieval(films, vectors, fold_of, args.folds),
@@ -488,12 +604,12 @@ def _table(report: dict) -> str:
         return "[" + "–".join(f(v) for v in values) + "]" if values else "n/a"
 
     lines = [f"{report['films']} films, {report['patients']} patients, {report['folds']}-fold patient-level CV"]
-    for name in ("classifier", "fused"):
+    for name in ("classifier", "classifier_asymmetry", "fused"):
         if name in report:
             r = report[name]
             mean, sd = r["auc_fold_mean_sd"] or (None, None)
             lines.append(
-                f"{name:<10} exam AUC {f(r['auc'])} {span(r['auc_interval'])}, folds mean {f(mean)} sd {f(sd)}, "
+                f"{name:<20} exam AUC {f(r['auc'])} {span(r['auc_interval'])}, folds mean {f(mean)} sd {f(sd)}, "
                 f"normals ruled out at 100% sensitivity {f(r['rule_out_at_full_sensitivity'])} "
                 f"(fold mean {f(r['rule_out_fold_mean'])})"
             )
@@ -514,6 +630,16 @@ def _table(report: dict) -> str:
         lines.append(
             f"search     {name:<17} P@1 {f(p.get('1'))} P@5 {f(p.get('5'))} P@10 {f(p.get('10'))} mAP {f(r['map'])}"
         )
+    for m in report.get("members", []):
+        froc = m["detector_froc"]
+        lines.append(
+            f"member {m['member']} (seed {m['seed']}): classifier AUC {f(m['classifier_auc'])}, rule-out "
+            f"{f(m['classifier_rule_out'])}; detector FROC "
+            f"{' / '.join(f(froc[r]) for r in FROC_RATES) if froc else 'n/a'}, exam AUC {f(m['detector_auc'])}; "
+            f"fused AUC {f(m['fused_auc'])}"
+        )
+    if report.get("members"):
+        lines.append(f"the figures above the member lines are the {len(report['members'])}-member ensemble's")
     return "\n".join(lines)
 
 
@@ -537,6 +663,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--segmenter-size", type=int, default=512)
     parser.add_argument("--segmenter-crop", type=int, default=256)
     parser.add_argument("--segmenter-batch", type=int, default=16)
+    parser.add_argument(
+        "--members",
+        type=int,
+        default=1,
+        help="models per task and fold, each from its own seed: classifier scores averaged, detector boxes fused",
+    )
     parser.add_argument("--chance-seeds", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     parser.add_argument("--processes", type=int, default=0, help="default: one per task and fold")
@@ -547,12 +679,19 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--folds must be at least 2")
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
+    if args.members < 1:
+        parser.error("--members must be at least 1")
     films = load_films(args.data, args.patients)
-    jobs = [(task, fold, args) for task in args.tasks for fold in range(args.folds)]
+    jobs = [
+        (task, fold, member, args)
+        for member in range(args.members)
+        for task in args.tasks
+        for fold in range(args.folds)
+    ]
     processes = args.processes or len(jobs)
     started = time.perf_counter()
     print(
-        f"{len(jobs)} trainings ({', '.join(args.tasks)} × {args.folds} folds)"
+        f"{len(jobs)} trainings ({', '.join(args.tasks)} × {args.folds} folds × {args.members} member(s))"
         f" in {processes} processes on {args.device}"
     )
     if processes == 1:
@@ -562,7 +701,11 @@ def main(argv: list[str] | None = None) -> dict:
             results = []
             for result in pool.imap_unordered(run_task, jobs):
                 state = "FAILED" if "error" in result else "done"
-                print(f"  {result['task']} fold {result['fold']} {state} in {result['wall_seconds']} s", flush=True)
+                print(
+                    f"  {result['task']} fold {result['fold']} member {result['member']} {state}"
+                    f" in {result['wall_seconds']} s",
+                    flush=True,
+                )
                 if "error" in result:
                     print(result["error"], flush=True)
                 results.append(result)

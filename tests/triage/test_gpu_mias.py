@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from precedent.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "bench" / "gpu_mias.py"
@@ -91,3 +93,38 @@ def test_a_failed_training_is_reported_and_the_run_still_ends(datasets: Path, tm
     ]
     assert "unknown detector architecture 'no-such-arch'" in report["errors"][0]["error"]
     assert "detector" not in report and "2 training(s) failed" in result.stdout
+
+
+def test_weighted_box_fusion_keeps_what_members_agree_on_and_discounts_the_rest() -> None:
+    fuse = _script().fuse_boxes
+    agreed_a, agreed_b = [0.8, 10, 10, 50, 50], [0.6, 12, 12, 52, 52]  # IoU 0.82
+    lone = [0.9, 200, 200, 240, 240]
+    fused = fuse([[agreed_a, lone], [agreed_b]])
+    assert len(fused) == 2
+    # Found by both: the mean of the two scores, the box their score-weighted mean.
+    assert fused[0] == pytest.approx([0.7, *[10 + 2 * 0.6 / 1.4] * 2, *[50 + 2 * 0.6 / 1.4] * 2])
+    # Found by one member of two: half its score, its own box.
+    assert fused[1] == pytest.approx([0.45, 200, 200, 240, 240])
+    # A member's second box in the same place does not count twice.
+    assert fuse([[agreed_a, [0.7, 11, 11, 51, 51]], []])[0][0] == pytest.approx(0.4)
+    assert fuse([]) == [] and fuse([[], []]) == []
+
+
+def test_an_ensemble_reports_each_member_and_then_their_combination(datasets: Path, tmp_path: Path) -> None:
+    result, report = _run(datasets, tmp_path, "--tasks", "classifier", "detector", "--members", "2")
+    assert report["errors"] == []
+    assert [(m["member"], m["seed"]) for m in report["members"]] == [(0, 0), (1, 1000)]
+    assert sorted((r["member"], r["fold"]) for r in report["training"]["classifier"]) == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
+    for m in report["members"]:
+        assert 0.0 <= m["classifier_auc"] <= 1.0 and set(m["detector_froc"]) == {"0.5", "1", "2"}
+    # The ensemble's figures cover every exam once, as a single model's would.
+    assert report["classifier"]["exams"] == report["detector"]["exam"]["exams"] == 8
+    assert report["classifier_asymmetry"]["exams"] == 8
+    assert "the figures above the member lines are the 2-member ensemble's" in result.stdout
+    # The two members differ (their seeds do), so the ensemble is not just member 0.
+    assert report["members"][0] != {**report["members"][1], "member": 0, "seed": 0}
