@@ -442,14 +442,53 @@ def _view_position(ds: Dataset) -> str:
 # --- pixels ---------------------------------------------------------------------------
 
 
+# What an enhanced multi-frame object (enhanced CT/MR, breast tomosynthesis) keeps in
+# its functional groups instead of the top level: the rescale and the window.
+_FRAME_GROUPS = {
+    "PixelValueTransformationSequence": ("RescaleIntercept", "RescaleSlope", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction", "WindowCenterWidthExplanation"),
+}
+
+
+def frame_header(ds: Dataset, frame: int = 1) -> Dataset:
+    """The header as it applies to one frame (1-based).
+
+    Enhanced multi-frame objects keep the rescale and the window in the per-frame
+    functional group of each frame, or in the shared group for all of them
+    (PS3.3 C.7.6.16), not at the top level where `apply_modality_lut` and
+    `file_window` look. For such an object this returns a copy with the frame's
+    values lifted to the top level; any other header comes back as it is.
+    """
+    per_frame = _raw(ds, "PerFrameFunctionalGroupsSequence")
+    shared = _raw(ds, "SharedFunctionalGroupsSequence")
+    if not per_frame and not shared:
+        return ds
+    lifted: dict[str, Any] = {}
+    for sequence, keywords in _FRAME_GROUPS.items():
+        for groups in (per_frame[frame - 1 : frame] if per_frame else [], shared[:1] if shared else []):
+            item = next(iter(_raw(groups[0], sequence) or []), None) if groups else None
+            if item is not None:
+                lifted.update({k: item[k].value for k in keywords if k in item and k not in lifted})
+                break
+    if not lifted:
+        return ds
+    out = Dataset()
+    out.update({elem.tag: elem for elem in ds})
+    for keyword, value in lifted.items():
+        setattr(out, keyword, value)
+    return out
+
+
 def decode_frame(path: Path | str, ds: Dataset, frame: int = 1) -> np.ndarray:
     """One frame (1-based) as float32 modality values, or as uint8 RGB for colour images.
 
-    `ds` is the header (read with `stop_before_pixels`): it carries the LUTs.
+    `ds` is the header (read with `stop_before_pixels`): it carries the LUTs. Render
+    with `frame_header(ds, frame)`, which holds that frame's window.
     """
     frames = _int(ds, "NumberOfFrames") or 1
     if not 1 <= frame <= frames:
         raise RenderError(f"frame {frame} is out of range 1..{frames}")
+    ds = frame_header(ds, frame)
     try:
         arr = _frame_array(path, frame - 1 if frames > 1 else None)
         photometric = _text(ds, "PhotometricInterpretation", 32).upper()
@@ -555,7 +594,7 @@ class Rendered:
 
 
 # Bump when `render` draws the same request differently: cached renderings are keyed by it.
-RENDER_VERSION = 1
+RENDER_VERSION = 2  # 2: enhanced multi-frame objects use their frames' rescale and window
 
 
 def render(

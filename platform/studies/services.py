@@ -504,7 +504,7 @@ def _decoded_frame(path: str, sha256: str, frame: int):  # noqa: ARG001 - sha256
     """Decoding costs more than windowing (100 ms to 0.5 s for compressed films), so
     the last few decoded frames stay in memory while a user drags the window."""
     header = dicom.read_dataset(path, stop_before_pixels=True)
-    return header, dicom.decode_frame(path, header, frame)
+    return dicom.frame_header(header, frame), dicom.decode_frame(path, header, frame)
 
 
 # --- checking the store against the database -----------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from PIL import Image
@@ -279,6 +280,18 @@ def test_preview_window_presets_and_headers(api, dicom_files, precedent_home):
     assert (custom["X-Window-Center"], custom["X-Window-Width"]) == ("40", "400")
     assert png(custom).size == (64, 64)
     assert list((precedent_home / "cache" / "render").rglob("*.png"))  # cached under PRECEDENT_HOME
+
+
+def test_the_preview_of_an_enhanced_ct_is_windowed_in_hounsfield_units(api, dicom_files):
+    # Its rescale and window live in the functional groups (tests/studies/test_dicom.py).
+    instance = store(dicom_files / "pydicom-data/eCT_Supplemental.dcm")
+    url = f"/api/v1/instances/{instance.sop_instance_uid}/preview.png"
+    default = api.get(url)
+    assert default.status_code == 200
+    assert (default["X-Window-Center"], default["X-Window-Width"]) == ("49", "102")
+    # The brain preset on HU: mostly air and bone around a head-sized phantom, not 36 % white.
+    brain = np.asarray(png(api.get(url + "?preset=brain&frame=2")))
+    assert (brain == 255).mean() < 0.1
 
 
 @pytest.mark.parametrize(

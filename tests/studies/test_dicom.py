@@ -310,3 +310,20 @@ def test_a_pixel_module_nothing_could_render_is_refused(dicom_files: Path, tmp_p
     with pytest.raises(PixelDataError) as caught:
         dicom.read_header(path)
     assert reason in str(caught.value)
+
+
+def test_an_enhanced_ct_uses_each_frames_rescale_and_window(dicom_files: Path):
+    # Enhanced CT keeps its rescale (-1024) and window (49/102) in the functional
+    # groups, not at the top level where a classic CT has them.
+    path = dicom_files / PD / "eCT_Supplemental.dcm"
+    header = dicom.read_dataset(path, stop_before_pixels=True)
+    assert "RescaleIntercept" not in header and "WindowCenter" not in header
+    stored = pydicom.dcmread(path).pixel_array.astype(np.float32)
+    for frame in (1, 2):
+        hu = dicom.decode_frame(path, header, frame)
+        np.testing.assert_array_equal(hu, stored[frame - 1] - 1024.0)
+        rendered = dicom.render(hu, dicom.frame_header(header, frame))
+        assert rendered.window == Window(49.0, 102.0)
+    # A classic header comes back as it is.
+    classic = dicom.read_dataset(dicom_files / TF / "CT_small.dcm", stop_before_pixels=True)
+    assert dicom.frame_header(classic, 1) is classic
