@@ -161,8 +161,11 @@ class SearchQueryOutput(serializers.Serializer):
 
 class SearchResultsOutput(serializers.Serializer):
     status = serializers.ChoiceField(
-        choices=["ok", "no_encoder", "no_index", "empty_index"],
-        help_text="ok, or why there are no results: no active encoder, or nothing indexed yet.",
+        choices=["ok", "no_encoder", "no_index", "empty_index", "encoder_unavailable"],
+        help_text=(
+            "ok, or why there are no results: no active encoder, nothing indexed yet, or the active encoder's "
+            "weights file cannot be loaded to embed the query (an administrator's problem; message says which)."
+        ),
     )
     message = serializers.CharField()
     encoder = serializers.CharField(help_text="The encoder version searched (empty with no_encoder).")

@@ -4,6 +4,7 @@ the most similar prior images or lesions, with their known outcomes."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from .models import Embedding, EncoderVersion
 
 # torch on first use: most processes that load this module (any manage.py command) never embed.
 enc = LazyModule("embeddings.encoder")
+log = logging.getLogger(__name__)
 
 Kind = Embedding.Kind
 MAX_K = 100
@@ -116,7 +118,7 @@ class Hit:
 
 @dataclass
 class SearchResults:
-    status: str  # "ok", or why there are no results: "no_encoder", "no_index", "empty_index"
+    status: str  # "ok", or why there are no results: "no_encoder", "no_index", "empty_index", "encoder_unavailable"
     message: str
     encoder: str = ""
     kind: str = Kind.IMAGE
@@ -164,8 +166,13 @@ def similar_cases(
     encoder = encoder or services.active_encoder()
     query = {"sop_instance_uid": instance.sop_instance_uid if instance else None, "box": list(box) if box else None}
     if encoder is None:
-        return SearchResults("no_encoder", "no encoder is active yet: train one with `manage.py train_encoder`",
-                             kind=kind, k=k, query=query)  # fmt: skip
+        ready = EncoderVersion.objects.filter(status=EncoderVersion.Status.READY).order_by("-pk").first()
+        hint = (
+            f"activate one with `manage.py encoder activate {ready.name}`"
+            if ready is not None
+            else "train one with `manage.py train_encoder`"
+        )
+        return SearchResults("no_encoder", f"no encoder is active yet: {hint}", kind=kind, k=k, query=query)
     index = services.serving_index(encoder, kind)
     base = dict(encoder=encoder.name, kind=kind, k=k, query=query)
     if len(index) == 0:
@@ -176,7 +183,11 @@ def similar_cases(
         if vector.shape[1] != encoder.dim:
             raise SearchError(f"vector has {vector.shape[1]} values; encoder {encoder.name} makes {encoder.dim}")
     else:
-        vector = _query_vector(encoder, instance, box, image, monochrome1)
+        try:
+            vector = _query_vector(encoder, instance, box, image, monochrome1)
+        except enc.EncoderFileError as exc:  # an administrator's problem, not the query's
+            log.error("search cannot embed its query: %s", exc)
+            return SearchResults("encoder_unavailable", str(exc), **base)
     candidates = Embedding.objects.filter(encoder=encoder, kind=kind)
     allowed = exclude = None
     if filters.narrows():

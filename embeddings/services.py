@@ -206,8 +206,21 @@ def _loaded(name: str, weights_path: str) -> tuple[enc.BaseEncoder, enc.EncoderM
 
 
 def loaded_encoder(encoder: EncoderVersion) -> tuple[enc.BaseEncoder, enc.EncoderMeta]:
-    """The encoder's model, loaded once per process."""
-    return _loaded(encoder.name, encoder.weights_path)
+    """The encoder's model, loaded once per process. Raises EncoderFileError when the
+    file is missing, damaged, or holds other weights than the version was registered
+    with (vectors from other weights would be compared with the stored ones)."""
+    try:
+        model, meta = _loaded(encoder.name, encoder.weights_path)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise enc.EncoderFileError(f"encoder {encoder.name}: cannot read {encoder.weights_path}: {reason}") from None
+    if meta.state_sha256 != encoder.weights_sha256:
+        _loaded.cache_clear()
+        raise enc.EncoderFileError(
+            f"encoder {encoder.name}: {encoder.weights_path} holds other weights than were registered "
+            f"({meta.state_sha256[:12]}, registered {encoder.weights_sha256[:12]})"
+        )
+    return model, meta
 
 
 # --- decoding images for the encoder --------------------------------------------------

@@ -92,6 +92,22 @@ def _change_of_mind(version: EncoderVersion) -> None:
         )  # fmt: skip
 
 
+def test_a_taken_name_is_refused_before_training_and_its_file_is_left_alone(cohort, settings):
+    version = EncoderVersion.objects.create(
+        name="taken", architecture="resnet18", dim=16, input_size=64, weights_path="models/taken.pt",
+        weights_sha256="0" * 64,
+    )  # fmt: skip
+    served = Path(settings.PRECEDENT_HOME) / version.weights_path
+    served.parent.mkdir(parents=True, exist_ok=True)
+    served.write_bytes(b"the weights being served")
+    with pytest.raises(CommandError, match="an encoder named 'taken' exists already"):
+        run(
+            "train_encoder", "--cohort", cohort, "--epochs", "1", "--input-size", "32", "--dim", "16", "--name", "taken"
+        )
+    assert served.read_bytes() == b"the weights being served"
+    assert not list(served.parent.glob(".incoming-*"))
+
+
 def test_register_rejects_other_files(tmp_path):
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a checkpoint")

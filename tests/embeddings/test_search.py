@@ -174,6 +174,35 @@ def test_search_before_any_encoder_says_why(api, archive):
     assert body["status"] == "no_encoder" and body["results"] == [] and "train_encoder" in body["message"]
 
 
+def test_with_a_trained_encoder_not_yet_active_the_search_says_how_to_activate_it(api, archive, tiny_encoder):
+    services.encoder_register(path=tiny_encoder, name="tiny")
+    body = api.post("/api/v1/search/", {"sop_instance_uid": archive.first().sop_instance_uid}, format="json").json()
+    assert body["status"] == "no_encoder" and "`manage.py encoder activate tiny`" in body["message"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "other weights"])
+def test_a_query_that_needs_the_encoder_file_says_it_is_unavailable(api, active, archive, settings, damage):
+    """A box query embeds a crop, so it needs the weights file; a missing or replaced
+    file is an administrator's problem: 200 with a status saying which, never a 500
+    and never vectors from other weights."""
+    services._loaded.cache_clear()  # as a freshly started server
+    path = Path(settings.PRECEDENT_HOME) / active.weights_path
+    if damage == "missing":
+        path.unlink()
+    else:
+        other = enc.build_encoder("resnet18", dim=32, preprocessing=enc.Preprocessing(input_size=64))
+        enc.save_encoder(path, other)
+    query = {"sop_instance_uid": archive.first().sop_instance_uid, "box": [300, 300, 500, 500]}
+    response = api.post("/api/v1/search/", query, format="json")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "encoder_unavailable" and body["results"] == []
+    assert active.name in body["message"] and ("cannot read" in body["message"] or "other weights" in body["message"])
+    # A whole-image query by a stored instance uses its stored vector and still answers.
+    plain = api.post("/api/v1/search/", {"sop_instance_uid": archive.first().sop_instance_uid}, format="json")
+    assert plain.json()["status"] == "ok"
+
+
 def test_upload_png_and_dicom_as_query(api, active, archive, datasets):
     png = (datasets / "mini-mias" / "images" / "mdb003.png").read_bytes()
     response = api.post("/api/v1/search/", {"file": _file("q.png", png), "k": 4}, format="multipart")

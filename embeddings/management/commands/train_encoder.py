@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from embeddings import encoder as enc  # noqa: I001 - after services, which imports faiss first
 from embeddings import services, training
+from embeddings.models import EncoderVersion
 from embeddings.selectors import LABELS, cohort_images
 from studies.errors import RenderError
 from studies.models import Cohort
@@ -49,6 +51,8 @@ class Command(BaseCommand):
             raise CommandError(f"no cohort named {cohort!r}")
         if options["weights"] is not None and not options["weights"].is_file():
             raise CommandError(f"--weights {options['weights']} is not a file")
+        if options["name"] and EncoderVersion.objects.filter(name=options["name"]).exists():
+            raise CommandError(f"an encoder named {options['name']!r} exists already: choose another --name")
         label = options["label"]
         items = cohort_images(cohort, "abnormal" if label == "none" else label)
         if len(items) < 2:
@@ -85,11 +89,19 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
 
         name = options["name"] or f"{options['arch']}-d{options['dim']}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-        path = services.models_dir() / f"{name}.pt"
         meta = report.training_meta(cohort=cohort)
         meta.settings.update(label=label, images=len(images))
-        enc.save_encoder(path, model, meta)
-        version = services.encoder_register(path=path, name=name)
+        # Written aside and copied in by the registration, so that no file a version
+        # serves from is ever written over.
+        incoming = services.models_dir() / f".incoming-{uuid.uuid4().hex}.pt"
+        try:
+            enc.save_encoder(incoming, model, meta)
+            version = services.encoder_register(path=incoming, name=name)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        finally:
+            incoming.unlink(missing_ok=True)
+        path = services.models_dir() / f"{name}.pt"
         self.stdout.write(
             f"trained {name} on {len(images)} images of {cohort!r} in {report.seconds / 60:.1f} min "
             f"({report.images_per_second:.1f} img/s on {report.device}); loss "

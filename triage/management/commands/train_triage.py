@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from studies.models import Cohort
 from triage import services
+from triage.models import TriageModelVersion
 
 # --model → the service that trains it; each has the same keyword signature
 # (cohort, epochs, device, seed, name, activate, progress) and returns a TriageModelVersion.
@@ -71,6 +72,8 @@ class Command(BaseCommand):
         kinds = list(TRAINERS) if options["model"] == "all" else [options["model"]]
         if options["name"] and len(kinds) > 1:
             raise CommandError("--name names one model; leave it out with --model all")
+        if options["name"] and TriageModelVersion.objects.filter(name=options["name"]).exists():
+            raise CommandError(f"a triage model named {options['name']!r} exists already: choose another --name")
         if options["weights"] is not None and not options["weights"].is_file():
             raise CommandError(f"--weights {options['weights']} is not a file")
         if options["max_minutes"] is not None and options["max_minutes"] <= 0:
