@@ -38,7 +38,7 @@ from precedent.lazy import LazyModule
 from precedent.tasks import enqueue, job
 from studies import dicom
 from studies.errors import RenderError
-from studies.models import Finding, Instance
+from studies.models import Finding, Instance, Study
 from studies.services import dicom_store
 
 from .models import Embedding, EmbeddingTombstone, EncoderVersion
@@ -92,6 +92,16 @@ def encoder_register(*, path: Path, name: str = "") -> EncoderVersion:
             "torch_version": meta.torch_version,
         },
     )
+
+
+def training_patients(encoder: EncoderVersion, patients: set[int]) -> int:
+    """How many of `patients` (Patient pks) are in the cohort the encoder was trained
+    on (its metadata's cohort); 0 when it names none or the cohort is gone."""
+    cohort = (encoder.metadata or {}).get("cohort")
+    if not cohort:
+        return 0
+    trained = set(Study.objects.filter(cohorts__name=cohort).values_list("patient_id", flat=True))
+    return len(trained & patients)
 
 
 def encoder_pooled(*, encoder: EncoderVersion, image_pooling: str, image_size: int, name: str = "") -> EncoderVersion:

@@ -57,8 +57,11 @@ def test_train_activate_embed_evaluate(cohort):
     assert 0 <= figures["precision_at"]["5"] <= 1 and 0 <= figures["map"] <= 1
     assert figures["recall_at_10_vs_exact"] == pytest.approx(1.0)  # a small index is exact
     assert figures["images"] == 16 and figures["patients"] == 8
+    # Trained on this very cohort: every patient is one the encoder saw, and it says so.
+    assert (figures["training_patients"], figures["encoder_training_cohort"]) == (8, cohort)
     table = run("evaluate_retrieval", "--cohort", cohort, "--label", "abnormality_class")
     assert "raw-pixels baseline" in table and "P@5" in table and "chance: random vectors (50 draws)" in table
+    assert "warning: 8 of these 8 patients are in t1's training cohort 'mias-16'" in table
 
     # Similar lesions: every finding box queries the lesion index (the CSV's 8 boxes
     # of these 16 films: 7 circumscribed masses and 1 ill-defined, all benign).

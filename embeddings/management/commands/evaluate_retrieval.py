@@ -100,6 +100,9 @@ class Command(BaseCommand):
             "label_counts": {str(k): v for k, v in sorted(_counts(labels).items())},
             **_metrics(vectors, labels, groups, ks),
             "recall_at_10_vs_exact": self._index_recall(encoder, vectors, "region" if region else "image"),
+            # The issue's bar is on patients the encoder never saw: say when these are not.
+            "training_patients": services.training_patients(encoder, set(groups)),
+            "encoder_training_cohort": (encoder.metadata or {}).get("cohort") or "",
         }
         if not options["no_baseline"]:
             raw = self._raw_pixel_vectors(items, encoder, quiet=options["json"] or options["verbosity"] == 0)
@@ -175,6 +178,12 @@ class Command(BaseCommand):
                 cells = "".join(f"{chance['precision_at'][k][key]:8.3f}" for k in ks)
                 self.stdout.write(name.ljust(40) + cells + f"{chance['map'][key]:8.3f}")
         self.stdout.write(f"recall@10 of the live index against exact search: {result['recall_at_10_vs_exact']:.3f}")
+        if result["training_patients"]:
+            self.stdout.write(
+                f"warning: {result['training_patients']} of these {result['patients']} patients are in "
+                f"{result['encoder']}'s training cohort {result['encoder_training_cohort']!r}: "
+                "these figures are not those of new patients"
+            )
         fb = result["feedback"]
         if fb["count"]:
             self.stdout.write(f"search feedback: {fb['count']} verdicts, {fb['relevant_share']:.0%} relevant")
