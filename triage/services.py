@@ -38,7 +38,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
-from django.db.models import Count, Max
+from django.db.models import Count, Max, QuerySet
 from django.utils import timezone
 from tqdm.auto import tqdm
 
@@ -481,10 +481,11 @@ def triage_model_activate(
 ) -> TriageModelVersion:
     """Make `version` the one active model of its kind; the previous one is retired
     (a retired version may come back: a rollback). Audited, with the version it
-    replaced. When a signed-off point applies to the versions now active (one
-    calibrated on this version before the switch: calibrate_triage --detector NAME),
-    studies waiting as pending are re-triaged with it at once. Activating the active
-    version changes nothing."""
+    replaced. Unread studies decided under the previous versions are then re-triaged
+    in the background (`retriage_outdated`): with a signed-off point that applies to
+    the versions now active (one calibrated on this version before the switch:
+    calibrate_triage --detector NAME), else they wait as pending. Activating the
+    active version changes nothing."""
     # Evaluated, so the rows of this kind stay locked until the switch commits.
     rows = list(TriageModelVersion.objects.select_for_update().filter(kind=version.kind).order_by("pk"))
     current = next((v for v in rows if v.pk == version.pk), version)
@@ -511,8 +512,9 @@ def triage_model_activate(
         before={"active": previous.name if previous else None, "operating_point": _point_id(point_before)},
         operating_point=point_after,
     )
-    if point_after is not None:  # else pending studies would only wait again
-        enqueue("triage.retriage_pending")
+    # Unread studies decided by the model this one replaces are decided again: with the
+    # point that applies now, or they wait as pending until one is signed off.
+    enqueue("triage.retriage_outdated")
     return version
 
 
@@ -525,8 +527,9 @@ def triage_model_retire(
     *, version: TriageModelVersion, user: AbstractBaseUser | None = None, via: str = "command", request=None
 ) -> TriageModelVersion:
     """Take a version out of service (e.g. a model found to misbehave). With no model
-    of its kind active, what needed it waits as pending; the worklist keeps working.
-    Audited. Retiring a version that is not active changes nothing."""
+    of its kind active, what needed it waits as pending, unread studies it decided
+    too (`retriage_outdated`); the worklist keeps working. Audited. Retiring a version
+    that is not active changes nothing."""
     current = TriageModelVersion.objects.select_for_update().get(pk=version.pk)
     if current.status != TriageModelVersion.Status.ACTIVE:
         version.status = current.status
@@ -545,6 +548,9 @@ def triage_model_retire(
         before={"active": version.name, "operating_point": _point_id(point_before)},
         operating_point=signed_off_point(),
     )
+    # A model taken out of service stops ruling studies out: unread studies it decided
+    # are decided again without it (pending where nothing else applies).
+    enqueue("triage.retriage_outdated")
     return version
 
 
@@ -998,8 +1004,9 @@ def operating_point_at_threshold(*, point: OperatingPoint, threshold: float) -> 
 def operating_point_sign_off(
     *, point: OperatingPoint, user: AbstractBaseUser, via: str = "web", request=None
 ) -> OperatingPoint:
-    """Sign off a computed operating point (audited); studies waiting as pending are
-    then re-triaged in the background. Raises ValueError when the point has no
+    """Sign off a computed operating point (audited); unread studies decided under
+    another point, and those waiting as pending, are then re-triaged in the
+    background (`retriage_outdated`). Raises ValueError when the point has no
     validation run behind it or is signed off already (the database constraint would
     refuse the first anyway)."""
     with transaction.atomic():
@@ -1032,7 +1039,7 @@ def operating_point_sign_off(
             target=str(point.pk),
             details=after,
         )
-        enqueue("triage.retriage_pending")
+        enqueue("triage.retriage_outdated")
     return point
 
 
@@ -1049,10 +1056,43 @@ def _access_audit(*, request, user, via: str, action: str, target_type: str, tar
 
 @job("triage.retriage_pending")
 def retriage_pending() -> Counter[str]:
-    """Re-triage every study waiting as pending (e.g. after a sign-off)."""
+    """Re-triage every study waiting as pending."""
     from .selectors import studies_awaiting_triage
 
     return triage_studies(studies=studies_awaiting_triage())
+
+
+def studies_out_of_date() -> QuerySet[Study]:
+    """Studies whose triage no longer follows what is in use: unread studies whose
+    current result was decided under another operating point or other model versions
+    than those now in use, and every study waiting as pending. A study already read
+    keeps the result it was read with (the record of what the reader saw)."""
+    from .selectors import studies_awaiting_triage
+
+    _state, versions, point = model_state()
+    wanted = {v.pk for v in versions}
+    point_id = point.pk if point is not None else None
+    current = (
+        TriageResult.objects.filter(is_current=True, study__read_mark__isnull=True)
+        .exclude(category=Category.PENDING)
+        .prefetch_related("model_versions")
+        .only("pk", "study_id", "operating_point_id")
+    )
+    stale = [
+        r.study_id
+        for r in current.iterator(chunk_size=500)
+        if r.operating_point_id != point_id or {v.pk for v in r.model_versions.all()} != wanted
+    ]
+    return (Study.objects.filter(pk__in=stale) | studies_awaiting_triage()).distinct().order_by("pk")
+
+
+@job("triage.retriage_outdated")
+def retriage_outdated() -> Counter[str]:
+    """After a sign-off, a model activation or a retirement: decide again every study
+    `studies_out_of_date` names, so that one worklist never holds two studies decided
+    by different thresholds or by a model taken out of service. A radiologist's
+    override stands (`_record` keeps it unless the new result is urgent)."""
+    return triage_studies(studies=studies_out_of_date())
 
 
 # --- the job ------------------------------------------------------------------------------

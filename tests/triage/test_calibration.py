@@ -452,3 +452,41 @@ def test_training_patients_are_told_apart_by_issuer(active_classifier) -> None:
     assert services.training_patients([active_classifier], {s.patient_id for s in elsewhere}) == {}
     both = {s.patient_id for s in elsewhere} | {trained_on[0].patient_id}
     assert services.training_patients([active_classifier], both) == {active_classifier.name: 1}
+
+
+def test_a_new_point_and_a_retired_model_reach_every_unread_study_decided_before(
+    settings, mammogram, ingest, active_classifier, admin, user, django_capture_on_commit_callbacks
+) -> None:
+    """One worklist never mixes two thresholds, and a model taken out of service stops
+    ruling studies out. A study already read keeps what it was read with, and a
+    radiologist's override stands."""
+    from triage.models import StudyRead
+
+    settings.PRECEDENT_TRIAGE_SUSPICIOUS_MALIGNANT = 1.0
+    studies = [ingest(mammogram(patient_id=f"P-{n}")).series.study for n in range(3)]
+    unread, read, overridden = studies
+    with django_capture_on_commit_callbacks(execute=True):
+        first = _computed_point(active_classifier, threshold=1.0)  # everything below it: likely negative
+        services.operating_point_sign_off(point=first, user=admin)
+    assert {s.triage_results.get(is_current=True).category for s in studies} == {Category.LIKELY_NEGATIVE}
+    services.study_mark_read(study=read, user=user, read=True)
+    services.triage_override(study=overridden, category=Category.SUSPICIOUS, user=user, note="look again")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        second = _computed_point(active_classifier, threshold=0.0)  # nothing below it
+        services.operating_point_sign_off(point=second, user=admin)
+    now = unread.triage_results.get(is_current=True)
+    assert (now.category, now.operating_point) == (Category.ROUTINE, second)
+    kept = read.triage_results.get(is_current=True)
+    assert (kept.category, kept.operating_point) == (Category.LIKELY_NEGATIVE, first)
+    assert overridden.triage_results.get(is_current=True).category == Category.SUSPICIOUS
+    assert StudyRead.objects.filter(study=read).exists()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        services.triage_model_retire(version=active_classifier, user=admin)
+    gone = unread.triage_results.get(is_current=True)
+    assert gone.category == Category.PENDING and gone.operating_point is None
+    assert read.triage_results.get(is_current=True).operating_point == first
+    # The command does the same in the foreground: the unread study still waits.
+    assert "triaged" in run("triage", "--outdated")
+    assert unread.triage_results.get(is_current=True).category == Category.PENDING

@@ -1,4 +1,4 @@
-"""python manage.py triage --pending | --all."""
+"""python manage.py triage --pending | --outdated | --all."""
 
 from __future__ import annotations
 
@@ -20,11 +20,22 @@ class Command(BaseCommand):
         which.add_argument(
             "--pending", action="store_true", help="studies not triaged yet, or waiting as pending (e.g. for a model)"
         )
+        which.add_argument(
+            "--outdated",
+            action="store_true",
+            help="pending studies and unread ones decided under another operating point or other model versions "
+            "than those in use (what a sign-off, activation or retirement starts in the background)",
+        )
         which.add_argument("--all", action="store_true", help="every study, checking every image's quality again")
 
     @quiet_per_item_logs
     def handle(self, *args: Any, **options: Any) -> None:
-        studies = Study.objects.order_by("pk") if options["all"] else selectors.studies_awaiting_triage()
+        if options["all"]:
+            studies = Study.objects.order_by("pk")
+        elif options["outdated"]:
+            studies = services.studies_out_of_date()
+        else:
+            studies = selectors.studies_awaiting_triage()
         total = studies.count()
         with tqdm(total=total, desc="triage", unit="study", disable=options["verbosity"] == 0) as bar:
             counts = services.triage_studies(studies=studies, recheck=options["all"], progress=bar.update)
