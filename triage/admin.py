@@ -28,6 +28,16 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     def has_change_permission(self, request, obj=None) -> bool:
         return False
 
+    def has_delete_permission(self, request, obj=None) -> bool:
+        """Not on their own: deleting a current result or a signed-off point would
+        change triage with no triage audit entry, and these rows change only through the
+        audited services. They still go with the study or image they belong to when an
+        admin deletes that (Django asks each related model's admin while collecting)."""
+        url_name = getattr(getattr(request, "resolver_match", None), "url_name", None) or ""
+        if url_name.startswith(f"{self.opts.app_label}_{self.opts.model_name}_"):
+            return False
+        return super().has_delete_permission(request, obj)
+
 
 @admin.register(TriageModelVersion)
 class TriageModelVersionAdmin(admin.ModelAdmin):

@@ -259,7 +259,16 @@ class OverlayBoxOutput(serializers.Serializer):
     label = serializers.CharField(help_text="Class (model) or pathology and class (ground truth).")
     score = serializers.FloatField(allow_null=True, help_text="Model score; null for ground truth.")
     source = serializers.CharField(help_text='"model:<version name>", "dataset" or "radiologist".')
+    pathology = serializers.CharField(help_text='Ground truth: "normal", "benign", "malignant"…; "" for model boxes.')
     colour = serializers.SerializerMethodField()
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        # "class" is a Python keyword, so it cannot be declared above.
+        fields["class"] = serializers.CharField(
+            source="abnormality_class", help_text="The model's class, or the finding's abnormality class."
+        )
+        return fields
 
     def get_colour(self, obj: localisation.OverlayBox) -> str:
         return overlays.hex_colour(overlays.label_colour(obj.label if obj.score is not None else "ground-truth"))
@@ -271,6 +280,11 @@ class OverlayMaskOutput(serializers.Serializer):
     url = serializers.SerializerMethodField(help_text="RGBA PNG with the image's rows × columns, to lay over it.")
     colour = serializers.SerializerMethodField()
     area_fraction = serializers.FloatField(help_text="Share of the image inside the mask.")
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        fields["class"] = serializers.CharField(source="label", help_text="The segmenter's class (as label).")
+        return fields
 
     def get_source(self, obj: SegmentationMask) -> str:
         return f"model:{obj.model_version.name}"

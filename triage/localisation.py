@@ -560,6 +560,8 @@ class OverlayBox:
     x1: float
     y1: float
     source: str  # "model:<version name>" | "dataset" | "radiologist"
+    abnormality_class: str = ""  # the model's class, or the finding's abnormality class
+    pathology: str = ""  # a finding's pathology; "" for model boxes
 
 
 @dataclass(frozen=True)
@@ -592,6 +594,8 @@ def instance_overlays(*, instance: Instance, min_score: float = 0.0) -> Overlays
             x1=f.x1,
             y1=f.y1,
             source=f.source,
+            abnormality_class=f.abnormality_class,
+            pathology=f.pathology,
         )
         for f in Finding.objects.filter(instance=instance, x0__isnull=False).order_by("pk")
     ]
@@ -599,7 +603,7 @@ def instance_overlays(*, instance: Instance, min_score: float = 0.0) -> Overlays
     if detector is not None:
         rows = Detection.objects.filter(instance=instance, model_version_id=detector, score__gte=min_score)
         boxes += [
-            OverlayBox(d.label, d.score, d.x0, d.y0, d.x1, d.y1, f"model:{d.model_version.name}")
+            OverlayBox(d.label, d.score, d.x0, d.y0, d.x1, d.y1, f"model:{d.model_version.name}", d.label)
             for d in rows.select_related("model_version").order_by("-score", "id")
         ]
     segmenter = _shown_version(instance, TriageModelVersion.Kind.SEGMENTER)

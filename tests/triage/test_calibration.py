@@ -490,3 +490,21 @@ def test_a_new_point_and_a_retired_model_reach_every_unread_study_decided_before
     # The command does the same in the foreground: the unread study still waits.
     assert "triaged" in run("triage", "--outdated")
     assert unread.triage_results.get(is_current=True).category == Category.PENDING
+
+
+def test_the_admin_cannot_delete_triage_rows_on_their_own_but_they_go_with_their_study(
+    admin_client, mammogram, ingest, active_classifier, admin, django_capture_on_commit_callbacks
+) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        services.operating_point_sign_off(point=_computed_point(active_classifier, 0.5), user=admin)
+    study = ingest(mammogram()).series.study
+    result = study.triage_results.get(is_current=True)
+    point = result.operating_point
+    for model, pk in (("triageresult", result.pk), ("operatingpoint", point.pk)):
+        assert admin_client.get(f"/admin/triage/{model}/{pk}/delete/").status_code == 403
+        changelist = f"/admin/triage/{model}/"
+        admin_client.post(changelist, {"action": "delete_selected", "_selected_action": [pk], "post": "yes"})
+    assert TriageResult.objects.filter(pk=result.pk).exists() and OperatingPoint.objects.filter(pk=point.pk).exists()
+    response = admin_client.post(f"/admin/studies/study/{study.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert not Study.objects.filter(pk=study.pk).exists() and not TriageResult.objects.filter(pk=result.pk).exists()

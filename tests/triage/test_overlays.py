@@ -85,6 +85,8 @@ def test_overlays_list_ground_truth_model_boxes_and_masks(api, localised):
             "x1": 732.0,
             "y1": 796.0,
             "label": "benign CIRC",
+            "class": "CIRC",
+            "pathology": "benign",
             "score": None,
             "source": "dataset",
             "colour": truth[0]["colour"],
@@ -92,9 +94,10 @@ def test_overlays_list_ground_truth_model_boxes_and_masks(api, localised):
     ]
     model_boxes = [b for b in data["boxes"] if b["source"] == f"model:{detector.name}"]
     stored = Detection.objects.filter(instance=instance).order_by("-score")
-    assert [(b["label"], b["score"]) for b in model_boxes] == [(d.label, d.score) for d in stored]
+    assert [(b["label"], b["class"], b["score"]) for b in model_boxes] == [(d.label, d.label, d.score) for d in stored]
+    assert all(b["pathology"] == "" for b in model_boxes)
     assert all(b["colour"].startswith("#") for b in model_boxes)
-    assert {m["label"] for m in data["masks"]} == {"breast", "lesion"}
+    assert {(m["label"], m["class"]) for m in data["masks"]} == {("breast", "breast"), ("lesion", "lesion")}
     assert all(m["source"] == f"model:{segmenter.name}" for m in data["masks"])
 
     # min_score filters the model's boxes only.
