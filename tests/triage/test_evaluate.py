@@ -183,7 +183,7 @@ def test_evaluate_bad_input(datasets: Path, mammogram, ingest) -> None:
 
 @pytest.mark.django_db
 def test_evaluate_reports_froc_and_dice_of_the_active_detector_and_segmenter(
-    datasets: Path, active_classifier, tmp_path: Path, monkeypatch
+    datasets: Path, active_classifier, tmp_path: Path, monkeypatch, settings
 ) -> None:
     from tests.triage.test_localise import register_tiny_models
     from triage import detection
@@ -208,10 +208,13 @@ def test_evaluate_reports_froc_and_dice_of_the_active_detector_and_segmenter(
     assert by_class and all(set(v) == {"lesions", "0.5", "1", "2"} for v in by_class.values())
     assert sum(v["lesions"] for v in by_class.values()) == result["lesions"]
     assert result["froc_png"] == str(tmp_path / "eval" / "froc.png")
-    # Without --out the plot is drawn into a temp folder that goes with the command.
+    # Without --out the curves go to PRECEDENT_HOME/evaluations/triage-COHORT, nothing to /tmp.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    assert json.loads(run("--cohort", "tiny", "--json"))["froc_png"] is None
+    default = json.loads(run("--cohort", "tiny", "--json"))
+    folder = Path(settings.PRECEDENT_HOME) / "evaluations" / "triage-tiny"
+    assert (default["froc_png"], default["roc_png"]) == (str(folder / "froc.png"), str(folder / "roc_workload.png"))
+    assert all(Path(default[k]).read_bytes()[:4] == b"\x89PNG" for k in ("froc_png", "roc_png"))
     assert not any((tmp_path / "tmp").iterdir())
     text = run("--cohort", "tiny")
     assert re.search(r"FROC \(0\.5/1/2 false marks per image\): \d\.\d\d/\d\.\d\d/\d\.\d\d \(\d+ lesions\)", text)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from studies.models import Cohort, Instance
@@ -33,7 +33,13 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--cohort", required=True)
         parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
-        parser.add_argument("--out", type=Path, default=None, help="folder for the PNG curves (default: none)")
+        parser.add_argument(
+            "--out",
+            type=Path,
+            default=None,
+            help="folder for the ROC/workload and FROC curves as PNG "
+            "(default: PRECEDENT_HOME/evaluations/triage-COHORT, replaced by each run)",
+        )
         parser.add_argument(
             "--threshold",
             type=float,
@@ -62,6 +68,9 @@ class Command(BaseCommand):
             raise CommandError(f"no cohort named {options['cohort']!r}")
         if not cohort.studies.exists():
             raise CommandError(f"cohort {cohort.name!r} is empty")
+        if options["out"] is None:
+            safe = re.sub(r"[^\w.-]", "_", cohort.name)
+            options["out"] = Path(settings.PRECEDENT_HOME) / "evaluations" / f"triage-{safe}"
         try:
             loaded = {kind: services.triage_model_named_or_active(kind, options[kind]) for kind in MODEL_KINDS}
         except ValueError as exc:
@@ -153,16 +162,12 @@ class Command(BaseCommand):
             "dice_mean": None,
             "localisation": "",
         }
-        if options["out"] is not None:
-            out = Path(options["out"])
-            out.mkdir(parents=True, exist_ok=True)
-            metrics.plot_curves(
-                curve,
-                out / "roc_workload.png",
-                title=f"{source} score on {cohort.name} (exam level)",
-                operating_point=at,
-            )
-            result["roc_png"] = str(out / "roc_workload.png")
+        out = Path(options["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        metrics.plot_curves(
+            curve, out / "roc_workload.png", title=f"{source} score on {cohort.name} (exam level)", operating_point=at
+        )
+        result["roc_png"] = str(out / "roc_workload.png")
         result["training_patients"] = services.training_patients(
             [m.version for m in loaded.values() if m is not None], {e.study.patient_id for e in exams}
         )
@@ -225,23 +230,19 @@ class Command(BaseCommand):
                 f"warning: {count} of these {result['patients']} patients are in {name}'s training cohort: "
                 "these figures are not those of new patients"
             )
-        if "roc_png" in result:
-            self.stdout.write(f"curves: {result['roc_png']}")
+        curves = [result[key] for key in ("roc_png", "froc_png") if result.get(key)]
+        self.stdout.write(f"curves: {', '.join(curves)}")
 
-    def _localisation(self, exams, out: Path | None, detector, segmenter) -> dict[str, Any]:
+    def _localisation(self, exams, out: Path, detector, segmenter) -> dict[str, Any]:
         """FROC and Dice from the localisers' evaluation (the detector and segmenter evaluated)."""
         if detector is None and segmenter is None:
             return {"localisation": "no active detector or segmenter"}
         ids = [image[0].instance.pk for e in exams for image in e.images]
-        with contextlib.ExitStack() as stack:
-            # Without --out no plot is kept: the FROC figure is drawn into a folder
-            # that goes away with the command.
-            out_dir = Path(out) if out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            report = services.evaluate_localisation(
-                instances=Instance.objects.filter(pk__in=ids),
-                out_dir=out_dir,
-                models={"detector": detector, "segmenter": segmenter},
-            )
+        report = services.evaluate_localisation(
+            instances=Instance.objects.filter(pk__in=ids),
+            out_dir=Path(out),
+            models={"detector": detector, "segmenter": segmenter},
+        )
         return {
             "froc": report.get("froc"),
             "froc_by_class": report.get("froc_by_class"),
@@ -249,7 +250,7 @@ class Command(BaseCommand):
             "froc_note": report.get("froc_note", ""),
             "false_marks_per_image": report.get("false_marks_per_image"),
             "dice_mean": report.get("dice_mean"),
-            "froc_png": report.get("froc_png") if out else None,
+            "froc_png": report.get("froc_png"),
         }
 
 
