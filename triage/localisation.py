@@ -132,10 +132,16 @@ def detect_instance(loaded, instance: Instance, decoded: tuple[np.ndarray, bool]
 
 
 def cohort_images(cohort: Cohort, *, keep_long_side: int, progress: bool = True, instances=None) -> list[LabelledImage]:
-    """The cohort's images with pixel data, decoded and shrunk, with their finding boxes.
-    Images that cannot be decoded are skipped (logged)."""
+    """The cohort's images with pixel data, decoded and shrunk, with their finding boxes
+    and their task from the quality check. Images not checked yet are checked first,
+    as arrival would: a model records the tasks it was trained on and runs on those
+    only, and an empty list would let it run on every kind of image. Images that
+    cannot be decoded are skipped (logged)."""
     from tqdm import tqdm
 
+    from .services import assess_cohort_images
+
+    assess_cohort_images(cohort, progress=progress)
     if instances is None:
         instances = Instance.objects.filter(series__study__cohorts=cohort, has_pixel_data=True)
     instances = list(instances.select_related("series").order_by("pk"))

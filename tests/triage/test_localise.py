@@ -16,7 +16,15 @@ from PIL import Image
 from studies.models import Cohort, CohortMembership, Finding, Instance
 from triage import detection, localisation, segmentation, services
 from triage import localisation_metrics as lm
-from triage.models import Category, Detection, LocalisationRun, SegmentationMask, TriageModelVersion, TriageResult
+from triage.models import (
+    Category,
+    Detection,
+    ImageQuality,
+    LocalisationRun,
+    SegmentationMask,
+    TriageModelVersion,
+    TriageResult,
+)
 
 # --- FROC and Dice -------------------------------------------------------------------------
 
@@ -293,6 +301,9 @@ def test_trainers_read_the_cohort_and_register_versions(mammogram, ingest):
     cohort = Cohort.objects.create(name="tiny")
     for instance in (boxed, normal):
         CohortMembership.objects.create(cohort=cohort, study=instance.series.study)
+    # As if arrival had not checked them yet (a worker not started): training checks
+    # them itself, so the model still records the task it may run on.
+    ImageQuality.objects.filter(instance__in=[boxed, normal]).delete()
 
     detector = services.train_detector(
         cohort=cohort, epochs=1, progress=False, input_size=160, crop=None, batch_size=2, fpn_channels=64
