@@ -38,7 +38,11 @@ class Patient(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["patient_id", "issuer_of_patient_id"], name="patient_unique_id"),
+            # A PatientID names one patient within its issuer. An empty one (type 2: it
+            # may be) names nobody: each study without one gets a patient of its own.
+            models.UniqueConstraint(
+                fields=["patient_id", "issuer_of_patient_id"], condition=~Q(patient_id=""), name="patient_unique_id"
+            ),
         ]
         indexes = [models.Index(fields=["name"], name="patient_name_idx")]
 

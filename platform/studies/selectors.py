@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 from django.db.models import Count, F, Func, Prefetch, Q, QuerySet
 
@@ -46,20 +47,33 @@ def study_list(
             filter=Q(series__instances__findings__pathology__in=["benign", "malignant", "unknown"]),
         ),
     )
-    if q:
+    for word in search_words(q):
         qs = qs.filter(
-            Q(patient__name__icontains=q) | Q(patient__patient_id__icontains=q) | Q(accession_number__icontains=q)
+            _name_matches(word) | Q(patient__patient_id__icontains=word) | Q(accession_number__icontains=word)
         )
     if patient_id:
         qs = qs.filter(patient__patient_id=patient_id)
-    if patient_name:
-        qs = qs.filter(patient__name__icontains=patient_name)
+    for word in search_words(patient_name):
+        qs = qs.filter(_name_matches(word))
     if accession:
         qs = qs.filter(accession_number=accession)
     qs = filter_modality_dates(qs, modality=modality, date_from=date_from, date_to=date_to)
     if cohort:
         qs = qs.filter(cohorts__name=cohort)
     return qs.order_by(*SORTS.get(sort, SORTS[DEFAULT_SORT]))
+
+
+def search_words(text: str) -> list[str]:
+    """The words of a search: a name is found as the list shows it ("Citizen, Jan"),
+    as people type it ("jan citizen") or as DICOM writes it ("Citizen^Jan"); every
+    word must match."""
+    return [w for w in re.split(r"[\s,^]+", text or "") if w]
+
+
+def _name_matches(word: str) -> Q:
+    # The patient's name, and the name this study's header gave (they differ after a
+    # marriage, or when a study was stored under a patient first seen by another name).
+    return Q(patient__name__icontains=word) | Q(patient_name__icontains=word)
 
 
 def filter_modality_dates(

@@ -413,11 +413,22 @@ def _sql_type(field: Any) -> str:
 
 def _create_series(h: DicomHeader) -> Series:
     """The patient, study and series of a new series (each may exist already)."""
-    patient, _ = Patient.objects.get_or_create(
-        patient_id=h.patient_id,
-        issuer_of_patient_id=h.issuer_of_patient_id,
-        defaults={"name": h.patient_name, "sex": h.patient_sex, "birth_date": h.patient_birth_date},
-    )
+    patient_fields = {"name": h.patient_name, "sex": h.patient_sex, "birth_date": h.patient_birth_date}
+    own_patient = None
+    if h.patient_id:
+        patient, _ = Patient.objects.get_or_create(
+            patient_id=h.patient_id, issuer_of_patient_id=h.issuer_of_patient_id, defaults=patient_fields
+        )
+    else:
+        # No PatientID: nothing says that two such studies are one person's, so the
+        # study has a patient of its own (the one it has already, if it exists).
+        existing = Study.objects.filter(study_instance_uid=h.study_instance_uid).select_related("patient").first()
+        if existing is not None:
+            patient = existing.patient
+        else:
+            patient = own_patient = Patient.objects.create(
+                patient_id="", issuer_of_patient_id=h.issuer_of_patient_id, **patient_fields
+            )
     study, _ = Study.objects.get_or_create(
         study_instance_uid=h.study_instance_uid,
         defaults={
@@ -434,6 +445,8 @@ def _create_series(h: DicomHeader) -> Series:
             "patient_birth_date": h.patient_birth_date,
         },
     )
+    if own_patient is not None and study.patient_id != own_patient.pk:
+        own_patient.delete()  # another ingest created the study first, with its own
     series, _ = Series.objects.get_or_create(
         series_instance_uid=h.series_instance_uid,
         defaults={

@@ -226,6 +226,47 @@ def test_study_list_filters_and_pagination(api, make_dicom, dicom_files):
     assert api.get("/api/v1/studies/?date_from=2024-02-01&date_to=2024-01-01").status_code == 400
 
 
+def test_studies_without_a_patient_id_are_not_one_patient_and_names_are_found_as_shown(api, make_dicom):
+    import io
+
+    from pydicom.uid import generate_uid
+
+    def ingest(name: str, patient_id: str = "", study_uid: str = "") -> None:
+        data = make_dicom(
+            StudyInstanceUID=study_uid or generate_uid(),
+            SeriesInstanceUID=generate_uid(),
+            PatientID=patient_id,
+            PatientName=name,
+        )
+        assert services.instance_ingest(source=io.BytesIO(data)).ok
+
+    ingest("Citizen^Jan")
+    ingest("Anonymized")
+    shared_study = generate_uid()
+    ingest("Doe^Ann", study_uid=shared_study)
+    ingest("Doe^Ann", study_uid=shared_study)  # a second image of that study: the same patient
+    ingest("Roe^Rick", patient_id="P-9")
+    ingest("Roe^Rick", patient_id="P-9")  # a PatientID still joins its studies
+    assert Patient.objects.filter(patient_id="").count() == 3
+    assert Patient.objects.filter(patient_id="P-9").count() == 1
+    assert sorted(Patient.objects.filter(patient_id="").values_list("name", flat=True)) == [
+        "Anonymized",
+        "Citizen^Jan",
+        "Doe^Ann",
+    ]
+
+    def names(query: str) -> list[str]:
+        response = api.get(f"/api/v1/studies/?{query}")
+        assert response.status_code == 200
+        return sorted(s["patient"]["name"] for s in response.json()["results"])
+
+    assert names("q=Anonymized") == names("patient_name=anonymized") == ["Anonymized"]
+    # As the list shows the name, as people type it, and as DICOM writes it.
+    for spelled in ("Citizen%2C%20Jan", "jan%20citizen", "Citizen%5EJan", "CITIZEN"):
+        assert names(f"q={spelled}") == ["Citizen^Jan"], spelled
+    assert names("q=jan%20doe") == []  # every word must match
+
+
 def test_study_detail_with_series_instances_and_findings(api, dicom_files):
     instance = store(dicom_files / CT)
     services.finding_upsert(
