@@ -46,6 +46,8 @@ def empty_cache():
 def datasets() -> Path:
     """../shared/datasets (or PRECEDENT_DATASETS): real files, read in place, never copied."""
     if not DATASETS.is_dir():
+        if os.environ.get("PRECEDENT_REQUIRE_DATASETS") == "1":  # CI: a skip would hide most of the suite
+            pytest.fail(f"shared datasets not found at {DATASETS} (PRECEDENT_REQUIRE_DATASETS=1)")
         pytest.skip(f"shared datasets not found at {DATASETS}")
     return DATASETS
 
