@@ -131,6 +131,7 @@ ERROR_DESCRIPTIONS = {
     ),
     404: "Not found.",
     409: "Conflicts with what is stored.",
+    411: "A body without a Content-Length.",
     413: "The request body is over the upload limit.",
     415: "Unsupported media type.",
     422: "Understood, but the stored data cannot give what was asked.",

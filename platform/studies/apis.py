@@ -344,11 +344,13 @@ class InstanceUploadApi(ApiView):
             **error_responses(
                 400,
                 409,
+                411,
                 413,
                 415,
                 schema=UploadErrorOutput,
                 _400="No file, a malformed body, or every file rejected (one file: its own status).",
                 _409="The one file sent has other bytes under a stored SOPInstanceUID.",
+                _411="An application/dicom body sent chunked, without a Content-Length.",
                 _413="The request, or the one file sent, is over PRECEDENT_MAX_UPLOAD_BYTES.",
                 _415="Neither multipart/form-data nor application/dicom, or the one file sent has pixel data "
                 "in a transfer syntax no installed decoder reads.",
@@ -363,6 +365,12 @@ class InstanceUploadApi(ApiView):
             # One Part 10 file as the whole body (as Orthanc's POST /instances takes
             # it): streamed into the store without multipart parsing or a second copy.
             if request.META.get("CONTENT_LENGTH") in (None, "", "0"):
+                if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+                    # WSGI hands Django no body without a length: say so, not "empty".
+                    return error_response(
+                        "a chunked body cannot be read here: send the file with a Content-Length",
+                        status.HTTP_411_LENGTH_REQUIRED,
+                    )
                 return error_response("empty body: send a DICOM file", status.HTTP_400_BAD_REQUEST)
             results = [services.instance_ingest(source=request.stream, name=request.headers.get("X-Filename", ""))]
         else:

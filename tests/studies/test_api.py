@@ -395,6 +395,10 @@ def test_raw_gzip_body_is_unwrapped(api, dicom_files):
 
 def test_raw_body_errors(api):
     assert api.generic("POST", "/api/v1/instances/", b"", content_type="application/dicom").status_code == 400
+    chunked = api.generic(
+        "POST", "/api/v1/instances/", b"", content_type="application/dicom", HTTP_TRANSFER_ENCODING="chunked"
+    )
+    assert chunked.status_code == 411 and "Content-Length" in chunked.json()["error"]
     response = api.generic("POST", "/api/v1/instances/", b"not dicom" * 50, content_type="application/dicom")
     assert response.status_code == 400 and "not a DICOM Part 10 file" in response.json()["error"]
     response = api.generic("POST", "/api/v1/instances/", b'{"a": 1}', content_type="application/json")
