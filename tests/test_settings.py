@@ -81,6 +81,12 @@ def test_index_gpu_must_be_auto_on_or_off(tmp_path):
     assert result.returncode != 0 and "PRECEDENT_INDEX_GPU must be auto, on or off, got 'yes'" in result.stderr
 
 
+def test_a_bad_setting_is_one_line_not_a_traceback(tmp_path):
+    result = manage("check", PRECEDENT_HOME=str(tmp_path), PRECEDENT_MAX_UPLOAD_BYTES="abc")
+    assert result.returncode == 2
+    assert result.stderr == "configuration error: PRECEDENT_MAX_UPLOAD_BYTES must be an integer, got 'abc'\n"
+
+
 def test_embedded_database_survives_restarts(tmp_path):
     """Data written by one process is there for the next (the server stops in between)."""
     home = str(tmp_path / "home")
