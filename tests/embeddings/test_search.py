@@ -128,6 +128,25 @@ def test_filters_never_return_fewer_than_k_when_k_match(api, active, archive):
         assert any(f["pathology"] == "malignant" for f in result["findings"])
 
 
+@pytest.mark.parametrize("factors", [(1,), (4, 32)])
+def test_over_fetching_gives_the_filtered_search_its_exact_answer(active, archive, monkeypatch, factors):
+    """A filter answered by fetching more neighbours and keeping those that pass gives
+    the same hits, in the same order, as the search among the listed passing ids; one
+    too selective for the rounds falls back to that search."""
+    from embeddings import selectors
+
+    query = archive.first()
+    for filters, k in ((selectors.SearchFilters(modality="MG"), 5), (selectors.SearchFilters(laterality="R"), 3)):
+        monkeypatch.setattr(selectors, "OVER_FETCH_FACTORS", factors)
+        fetched = selectors.similar_cases(instance=query, encoder=active, k=k, filters=filters).hits
+        monkeypatch.setattr(selectors, "OVER_FETCH_FACTORS", ())  # straight to the listed ids
+        listed = selectors.similar_cases(instance=query, encoder=active, k=k, filters=filters).hits
+        assert len(listed) == k
+        assert [(h.sop_instance_uid, round(h.score, 5)) for h in fetched] == [
+            (h.sop_instance_uid, round(h.score, 5)) for h in listed
+        ]
+
+
 def test_box_query_searches_lesions(api, active, archive):
     query = archive.first()
     response = api.post(

@@ -17,6 +17,7 @@ Everything the run stores is deleted afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -106,6 +107,9 @@ class Command(BaseCommand):
             single = queries[: options["single"]]
             rows = [
                 self._service_row(encoder, single, truth, base, k),
+                # Every filler is a CT: the filter all rows pass, as "Find similar" sends
+                # it (by the image's modality) in a single-modality archive.
+                self._service_row(encoder, single, truth, base, k, filters=selectors.SearchFilters(modality="CT")),
                 self._api_row(encoder, single, truth, base, k),
             ]
         finally:
@@ -159,14 +163,15 @@ class Command(BaseCommand):
                     )
         return base
 
-    def _service_row(self, encoder, single, truth, base: int, k: int) -> dict[str, Any]:
-        filters = selectors.SearchFilters(exclude_same_patient=False)
+    def _service_row(self, encoder, single, truth, base: int, k: int, filters=None) -> dict[str, Any]:
+        setting = "similar_cases()" if filters is None else "similar_cases(modality=CT)"
+        filters = dataclasses.replace(filters or selectors.SearchFilters(), exclude_same_patient=False)
 
         def search(q):
             hits = selectors.similar_cases(vector=q, encoder=encoder, kind="region", k=k, filters=filters).hits
             return np.array([h.embedding_id for h in hits], dtype=np.int64)
 
-        return _row("service", "similar_cases()", search, single, truth, base, k)
+        return _row("service", setting, search, single, truth, base, k)
 
     def _api_row(self, encoder, single, truth, base: int, k: int) -> dict[str, Any]:
         user, _ = get_user_model().objects.get_or_create(username=USER)
