@@ -576,6 +576,9 @@ class _Served:
 
 _served: dict[tuple[int, str], _Served] = {}
 _served_lock = threading.Lock()
+# One lock per (encoder, kind) while its index loads: loading (or rebuilding) one index
+# holds up the searches that need it, not those of other indexes.
+_loading_locks: dict[tuple[int, str], threading.Lock] = {}
 # Rows committed out of id order (two workers embedding, two deletions) are caught by
 # re-reading this many ids below the last one seen, at every catch-up for a while
 # after the newest id last moved: a straggler's commit does not move it.
@@ -701,12 +704,19 @@ def serving_index(encoder: EncoderVersion, kind: str, *, save: bool = False) -> 
     retype = False
     with _served_lock:
         served = _served.get(key)
-        if served is None:
-            marks = _marks(encoder, kind)
-            index, changed = _load_checked(encoder, kind)
-            served = _served[key] = _Served(index, *marks)
-            save = save or changed
-            retype = index.index_type != index.wanted_type()
+        loading = _loading_locks.setdefault(key, threading.Lock())
+    if served is None:
+        with loading:
+            with _served_lock:
+                served = _served.get(key)
+            if served is None:  # not loaded by the search that held the lock before
+                marks = _marks(encoder, kind)
+                index, changed = _load_checked(encoder, kind)
+                served = _Served(index, *marks)
+                with _served_lock:
+                    _served[key] = served
+                save = save or changed
+                retype = index.index_type != index.wanted_type()
     if retype:
         # PRECEDENT_INDEX_TYPE (or the size, or a GPU) asks for another type than was
         # saved: rebuilt aside, outside the lock, while searches use the loaded one.
@@ -785,6 +795,34 @@ def serve_prebuilt(encoder: EncoderVersion, kind: str, index: vector_index.Vecto
     builds one while it measures the bare index, and reuses it here)."""
     with _served_lock:
         _served[(encoder.pk, kind)] = _Served(index, *_marks(encoder, kind))
+
+
+def warm_indexes() -> list[str]:
+    """Load the active encoder's image and lesion indexes now (checked against
+    PostgreSQL, rebuilt if missing or stale), so that a serving process does this at
+    start rather than in its first search. Returns what it loaded; a failure is logged,
+    never raised (searches would load the index themselves)."""
+    loaded = []
+    try:
+        encoder = active_encoder()
+        if encoder is not None:
+            for kind in (Embedding.Kind.IMAGE, Embedding.Kind.REGION):
+                started = time.perf_counter()
+                index = serving_index(encoder, kind)
+                loaded.append(f"{encoder.name}/{kind}: {len(index)} vectors in {time.perf_counter() - started:.1f} s")
+        log.info("search indexes ready: %s", "; ".join(loaded) or "no active encoder")
+    except Exception:  # the database not migrated yet, a damaged file: searches will say
+        log.exception("warming the search indexes failed")
+    finally:
+        if threading.current_thread() is not threading.main_thread():
+            connection.close()  # the background thread's own connection
+    return loaded
+
+
+def warm_indexes_in_background() -> threading.Thread:
+    thread = threading.Thread(target=warm_indexes, name="precedent-warm-indexes", daemon=True)
+    thread.start()
+    return thread
 
 
 def forget_indexes() -> None:

@@ -529,3 +529,15 @@ def test_an_image_deleted_while_its_batch_is_embedded_gets_no_vector(active, arc
     assert set(stored.filter(kind="image").values_list("instance_id", flat=True)) == {
         i.pk for i in instances if i.pk != gone_pk
     }
+
+
+def test_a_serving_process_loads_the_active_indexes_at_start(active, archive, caplog):
+    services.forget_indexes()
+    loaded = services.warm_indexes()
+    assert [line.split(":")[0] for line in loaded] == ["tiny/image", "tiny/region"]
+    assert f"tiny/image: {archive.count()} vectors" in loaded[0]
+    assert (active.pk, "image") in services._served and (active.pk, "region") in services._served
+    # Without an active encoder there is nothing to load, and nothing fails.
+    services.forget_indexes()
+    EncoderVersion.objects.filter(pk=active.pk).update(status=EncoderVersion.Status.READY)
+    assert services.warm_indexes() == [] and "no active encoder" in caplog.text
