@@ -59,6 +59,7 @@ class _CollectPydicomWarnings(logging.Handler):
             notes.append(record.getMessage())
 
 
+log = logging.getLogger(__name__)
 _pydicom_log = logging.getLogger("pydicom")
 _pydicom_log.addHandler(_CollectPydicomWarnings(level=logging.WARNING))
 _pydicom_log.propagate = False
@@ -719,7 +720,28 @@ def dicomdir_files(path: Path | str) -> list[Path]:
     from pydicom.fileset import FileSet
 
     try:
-        fileset = FileSet(pydicom.dcmread(str(path)))
+        ds = pydicom.dcmread(str(path))
     except Exception as exc:
         raise InvalidDicom(f"cannot read DICOMDIR: {_first_line(exc)}") from None
-    return [Path(record.path) for record in fileset]
+    try:
+        return [Path(record.path) for record in FileSet(ds)]
+    except Exception as exc:
+        # The record tree is malformed (e.g. an image record with no patient record
+        # above it): the files are still named in the records, in the same order.
+        referenced = _referenced_files(ds, Path(path).parent)
+        if not referenced:
+            raise InvalidDicom(f"cannot read DICOMDIR: {_first_line(exc)}") from None
+        log.warning("%s: %s; reading its records one by one", path, _first_line(exc))
+        return referenced
+
+
+def _referenced_files(ds: Dataset, root: Path) -> list[Path]:
+    """Every ReferencedFileID in a DICOMDIR's records, as paths under `root`."""
+    out = []
+    for record in _raw(ds, "DirectoryRecordSequence") or []:
+        parts = _raw(record, "ReferencedFileID")
+        if not parts:
+            continue
+        parts = [parts] if isinstance(parts, str) else list(parts)
+        out.append(root.joinpath(*(str(part).strip() for part in parts)))
+    return out

@@ -53,6 +53,10 @@ def expand(paths: list[Path]) -> Iterator[Path | IngestResult]:
             except IngestError as exc:
                 yield IngestResult(name=str(path), outcome=Outcome.REJECTED, http_status=400, reason=exc.reason)
                 continue
+            if not referenced:
+                yield IngestResult(
+                    name=str(path), outcome=Outcome.REJECTED, http_status=400, reason="the DICOMDIR references no files"
+                )
             for child in referenced:
                 if child.is_file():
                     yield child
