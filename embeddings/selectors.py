@@ -238,8 +238,8 @@ def _over_fetched(index, vector, k: int, exclude, filters: SearchFilters, candid
     modality) is answered this way without listing every passing id, which at 1M
     embeddings costs about 0.3 s. The same top k as the exact filtered search whenever k
     pass among those fetched (they are the nearest of all). None when fewer pass even
-    in the widest round, or when a hit's row is gone: the caller then lists the
-    passing ids and searches among them."""
+    in the widest round (none at all: the caller says why), or when a hit's row is
+    gone: the caller then lists the passing ids and searches among them."""
     size = len(index)
     for factor in OVER_FETCH_FACTORS:
         fetch = min(size, k * factor)
@@ -247,7 +247,7 @@ def _over_fetched(index, vector, k: int, exclude, filters: SearchFilters, candid
         fetched = [int(i) for i in ids[0] if i >= 0]
         passing = set(filters.apply(candidates.filter(id__in=fetched)).values_list("id", flat=True))
         kept = [(score, i) for score, i in zip(scores[0], ids[0], strict=True) if int(i) in passing][:k]
-        if len(kept) == k or fetch >= size:
+        if len(kept) == k or (fetch >= size and kept):
             hits, gone = _hits(np.array([s for s, _ in kept]), np.array([i for _, i in kept], dtype=np.int64))
             return None if gone else hits
     return None

@@ -1,9 +1,11 @@
 """Worklist pages (htmx): thin views over the same selectors and services as the API.
 
-The list is swapped as a partial when the filters change. New studies do not re-render
-it: a small bar polls `worklist_changes` every POLL_SECONDS and offers "N new studies —
-show", so the radiologist's scroll position and place in the list survive until they
-ask. Read marks swap one row; evidence (similar confirmed cases) loads per flagged
+The list is swapped as a partial when the filters change. A small bar polls
+`worklist_changes` every POLL_SECONDS and announces "N new studies — Show". While the
+radiologist is at the top of the first page and idle, static/js/worklist.js takes the
+new studies in by itself; otherwise they come in with "Show", which keeps the first row
+in view where it was, so rows never move under someone using the list. Read marks swap
+one row; evidence (similar confirmed cases) loads per flagged
 row when it scrolls into view, so the list never waits for a search.
 """
 
