@@ -161,9 +161,10 @@ class SearchQueryOutput(serializers.Serializer):
 
 class SearchResultsOutput(serializers.Serializer):
     status = serializers.ChoiceField(
-        choices=["ok", "no_encoder", "no_index", "empty_index", "encoder_unavailable"],
+        choices=["ok", "no_encoder", "no_index", "empty_index", "index_loading", "encoder_unavailable"],
         help_text=(
-            "ok, or why there are no results: no active encoder, nothing indexed yet, or the active encoder's "
+            "ok, or why there are no results: no active encoder, nothing indexed yet, the index still loading "
+            "(ask again in a moment), or the active encoder's "
             "weights file cannot be loaded to embed the query (an administrator's problem; message says which)."
         ),
     )

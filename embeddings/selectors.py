@@ -118,7 +118,9 @@ class Hit:
 
 @dataclass
 class SearchResults:
-    status: str  # "ok", or why there are no results: "no_encoder", "no_index", "empty_index", "encoder_unavailable"
+    # "ok", or why there are no results: "no_encoder", "no_index", "empty_index",
+    # "index_loading", "encoder_unavailable"
+    status: str
     message: str
     encoder: str = ""
     kind: str = Kind.IMAGE
@@ -173,8 +175,11 @@ def similar_cases(
             else "train one with `manage.py train_encoder`"
         )
         return SearchResults("no_encoder", f"no encoder is active yet: {hint}", kind=kind, k=k, query=query)
-    index = services.serving_index(encoder, kind)
     base = dict(encoder=encoder.name, kind=kind, k=k, query=query)
+    try:
+        index = services.serving_index(encoder, kind, wait=False)
+    except services.IndexLoading as exc:  # loading at start, or rebuilt: say so, don't hang
+        return SearchResults("index_loading", str(exc), **base)
     if len(index) == 0:
         return SearchResults("empty_index", f"no {kind} embeddings yet for encoder {encoder.name}", **base)
 

@@ -698,15 +698,25 @@ def index_status(encoder: EncoderVersion, kind: str) -> dict[str, Any]:
     return status
 
 
-def serving_index(encoder: EncoderVersion, kind: str, *, save: bool = False) -> vector_index.VectorIndex:
-    """This process's index for (encoder, kind), loaded once and kept current."""
+class IndexLoading(Exception):
+    """The index is being loaded (or rebuilt) by another thread of this process."""
+
+
+def serving_index(
+    encoder: EncoderVersion, kind: str, *, save: bool = False, wait: bool = True
+) -> vector_index.VectorIndex:
+    """This process's index for (encoder, kind), loaded once and kept current. With
+    `wait=False` (searches), raises IndexLoading instead of waiting while another
+    thread loads it: at 1M vectors a check takes seconds and a rebuild minutes."""
     key = (encoder.pk, kind)
     retype = False
     with _served_lock:
         served = _served.get(key)
         loading = _loading_locks.setdefault(key, threading.Lock())
     if served is None:
-        with loading:
+        if not loading.acquire(blocking=wait):
+            raise IndexLoading(f"the {kind} index of encoder {encoder.name} is being loaded: ask again in a moment")
+        try:
             with _served_lock:
                 served = _served.get(key)
             if served is None:  # not loaded by the search that held the lock before
@@ -717,6 +727,8 @@ def serving_index(encoder: EncoderVersion, kind: str, *, save: bool = False) -> 
                     _served[key] = served
                 save = save or changed
                 retype = index.index_type != index.wanted_type()
+        finally:
+            loading.release()
     if retype:
         # PRECEDENT_INDEX_TYPE (or the size, or a GPU) asks for another type than was
         # saved: rebuilt aside, outside the lock, while searches use the loaded one.

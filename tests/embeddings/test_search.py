@@ -8,6 +8,7 @@ quality is measured by `evaluate_retrieval`, not here.
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -541,3 +542,14 @@ def test_a_serving_process_loads_the_active_indexes_at_start(active, archive, ca
     services.forget_indexes()
     EncoderVersion.objects.filter(pk=active.pk).update(status=EncoderVersion.Status.READY)
     assert services.warm_indexes() == [] and "no active encoder" in caplog.text
+
+
+def test_a_search_while_its_index_loads_says_so_instead_of_waiting(api, active, archive):
+    services.forget_indexes()
+    query = {"sop_instance_uid": archive.first().sop_instance_uid}
+    with services._served_lock:
+        loading = services._loading_locks.setdefault((active.pk, "image"), threading.Lock())
+    with loading:  # as the start-up thread holds it while it loads
+        body = api.post("/api/v1/search/", query, format="json").json()
+        assert body["status"] == "index_loading" and body["results"] == [] and "ask again" in body["message"]
+    assert api.post("/api/v1/search/", query, format="json").json()["status"] == "ok"
