@@ -22,6 +22,7 @@ set by hand stands until a re-triage finds the study urgent.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -234,6 +235,9 @@ class ModelState:
     threshold: float | None = None  # the signed-off point's threshold on the exam score
     detector: str = ""
     score_source: str = "classifier"  # exam_score.SOURCES: which score the threshold applies to
+    # Set for one study when the point was calibrated on images of other tasks only
+    # (point_tasks): its threshold says nothing about this study's images.
+    uncovered_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -295,6 +299,11 @@ def decide(
         waiting = NO_MODEL_REASON
     elif not models.operating_point:
         waiting = f"no operating point is signed off for {_active_names(models)} yet"
+    elif models.uncovered_by:
+        waiting = (
+            f"the signed-off operating point was calibrated on {' and '.join(models.uncovered_by)} images only: "
+            "its threshold does not apply to this study's images"
+        )
     elif models.score_source == "detector":
         waiting = f"detector {models.detector} ran on no image of this study"
     elif models.score_source == "fused":
@@ -819,6 +828,21 @@ def study_exam_scores(
     return scores
 
 
+def point_tasks(point: OperatingPoint) -> tuple[str, ...]:
+    """The tasks (quality.py: mammography, chest) of the images the point's validation
+    exams were scored on; empty for a point computed before they were recorded."""
+    return tuple((point.validation or {}).get("tasks") or ())
+
+
+def point_covers(point: OperatingPoint, qualities: Sequence[ImageQuality]) -> bool:
+    """Whether the point's threshold may decide a study with these images: one of them
+    is assessable and of a task the point was calibrated on. A detector trained on
+    mammograms and chest films, calibrated on a mammography cohort, must not rule
+    chest films out with a mammography threshold."""
+    tasks = point_tasks(point)
+    return not tasks or any(q.assessable and q.task in tasks for q in qualities)
+
+
 def training_patients(versions: Sequence[TriageModelVersion], patients: set[int]) -> dict[str, int]:
     """For each version trained on a cohort that shares patients (Patient rows: the
     PatientID within its issuer) with `patients`: how many. The training cohort is the
@@ -944,6 +968,15 @@ def operating_point_compute(
         "detector": detector.version.name if detector else None,
         "level": "exam",
         "training_patients": seen_in_training,  # by model: validation patients it was trained on (allowed)
+        # The tasks of the images scored: the threshold decides studies of these only.
+        "tasks": sorted(
+            set(
+                ImageQuality.objects.filter(
+                    instance__in=[image.instance for e in exams for image, *_scores in e.images], assessable=True
+                ).values_list("task", flat=True)
+            )
+            - {""}
+        ),
     }
     op = OperatingPoint.objects.create(
         score_source=source,
@@ -1146,8 +1179,13 @@ def triage_study(*, study_id: int, recheck: bool = False) -> TriageResult | None
     state, versions, point = model_state()
     detections = localise_study(study=study)
     classifier = next((v for v in versions if v.kind == TriageModelVersion.Kind.CLASSIFIER), None)
+    covered = point is None or point_covers(point, qualities)
+    if not covered:
+        state = dataclasses.replace(state, uncovered_by=point_tasks(point))
     scores = (
-        study_exam_scores(study, point=point, qualities=qualities, classifier=classifier) if point is not None else None
+        study_exam_scores(study, point=point, qualities=qualities, classifier=classifier)
+        if point is not None and covered
+        else None
     )
     decision = decide(
         images=images, findings=findings, rules=urgent_rules(), models=state, scores=scores, detections=detections

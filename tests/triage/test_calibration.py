@@ -158,6 +158,7 @@ def test_calibrate_with_sign_off_is_audited_and_retriages_pending_studies(
         output = run("calibrate_triage", "--cohort", "tiny", "--sign-off", "chief")
     point = OperatingPoint.objects.get()
     assert point.signed_off_by == admin and "signed off by chief" in output
+    assert point.validation["tasks"] == ["mammography"]  # what its threshold may decide
     audit = TriageAudit.objects.get(action=TriageAudit.Action.OPERATING_POINT)
     assert audit.user == admin and audit.operating_point == point and audit.after["via"] == "command"
     current = TriageResult.objects.filter(is_current=True)
@@ -508,3 +509,22 @@ def test_the_admin_cannot_delete_triage_rows_on_their_own_but_they_go_with_their
     response = admin_client.post(f"/admin/studies/study/{study.pk}/delete/", {"post": "yes"})
     assert response.status_code == 302
     assert not Study.objects.filter(pk=study.pk).exists() and not TriageResult.objects.filter(pk=result.pk).exists()
+
+
+def test_a_point_calibrated_on_other_images_does_not_decide_a_study(
+    mammogram, ingest, active_classifier, admin, django_capture_on_commit_callbacks
+) -> None:
+    """A threshold fitted on chest films says nothing about a mammogram: the study waits,
+    and says why, instead of being ruled out by it."""
+    point = _computed_point(active_classifier, threshold=1.0)  # would rule everything out
+    point.validation = {**point.validation, "tasks": ["chest"]}
+    point.save(update_fields=["validation"])
+    with django_capture_on_commit_callbacks(execute=True):
+        services.operating_point_sign_off(point=point, user=admin)
+    result = ingest(mammogram()).series.study.triage_results.get(is_current=True)
+    assert result.category == Category.PENDING
+    assert "calibrated on chest images only" in result.reasons[0]
+    # The same point calibrated on mammograms decides it.
+    point.validation = {**point.validation, "tasks": ["mammography"]}
+    point.save(update_fields=["validation"])
+    assert ingest(mammogram()).series.study.triage_results.get(is_current=True).category == Category.LIKELY_NEGATIVE
