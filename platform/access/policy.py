@@ -92,6 +92,7 @@ VIEWS: dict[str, dict[str, str]] = {
     "admin:logout": {_ANY: AUTHENTICATED},
     "admin:*": {_ANY: ADMIN},
     # Study pages
+    "studies:home": {"GET": READ},  # a redirect: the worklist or the study list
     "studies:list": {"GET": READ},
     "studies:detail": {"GET": READ},
     "studies:viewer": {"GET": READ},

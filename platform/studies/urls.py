@@ -7,7 +7,8 @@ from . import views
 app_name = "studies"
 
 urlpatterns = [
-    path("", views.study_list, name="list"),
+    path("", views.home, name="home"),
+    path("studies/", views.study_list, name="list"),
     path("studies/<uid:study_instance_uid>/", views.study_detail, name="detail"),
     path(
         "studies/<uid:study_instance_uid>/instances/<uid:sop_instance_uid>/viewer/",

@@ -14,7 +14,7 @@ from django import forms
 from django.conf import settings
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, QueryDict
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_safe
@@ -90,6 +90,17 @@ def canonical_query(query: QueryDict) -> QueryDict:
         if kept:
             clean.setlist(key, kept)
     return clean
+
+
+@require_safe
+def home(request: HttpRequest) -> HttpResponse:
+    """The home page: the worklist for those who read from it (radiologists), the
+    study list for everyone else."""
+    from access.policy import WORKLIST
+    from access.selectors import user_permissions
+
+    target = "triage:worklist" if WORKLIST in user_permissions(user=request.user) else "studies:list"
+    return redirect(target)
 
 
 @require_safe

@@ -139,7 +139,7 @@ def test_the_database_refuses_raw_update_and_delete(sql):
 @pytest.mark.django_db
 def test_deleting_a_user_keeps_their_history(make_user, session_for):
     person = make_user("radiologist", username="leaver")
-    session_for(person).get("/")
+    session_for(person).get("/studies/")
     pk = person.pk
     person.delete()  # no cascade, no refused update: the row stays as written
     event = only(action="list")

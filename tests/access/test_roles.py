@@ -23,7 +23,7 @@ class Call:
 
 PAGE_UPLOAD = Call("page", "GET", "/upload/")
 PAGE_SEARCH = Call("page", "GET", "/search/")
-PAGE_STUDIES = Call("page", "GET", "/")
+PAGE_STUDIES = Call("page", "GET", "/studies/")
 PAGE_MARK_READ = Call("page", "POST", "/worklist/{study}/read/")
 PAGE_AUDIT = Call("page", "GET", "/audit/")
 REST_UPLOAD = Call("rest", "POST", "/api/v1/instances/", "upload")
@@ -107,6 +107,15 @@ def test_role_may(role, call, make_user, ct, session_for, token_for, make_dicom)
 
 
 @pytest.mark.django_db
+def test_the_home_page_is_the_worklist_for_those_who_read_from_it(make_user, session_for):
+    # Every role reads the worklist; the study list has moved to /studies/.
+    for role in ("radiologist", "technologist", "integrator", "admin"):
+        response = session_for(make_user(role)).get("/")
+        assert (response.status_code, response["Location"]) == (302, "/worklist/"), role
+    assert session_for(make_user("radiologist", username="second")).get("/studies/").status_code == 200
+
+
+@pytest.mark.django_db
 def test_a_user_without_roles_may_do_nothing_but_log_out(make_user, session_for, token_for):
     nobody = make_user()
     assert session_for(nobody).get("/").status_code == 403
@@ -142,8 +151,8 @@ def test_a_method_the_view_lacks_is_405_not_403(make_user, session_for, token_fo
 
 @pytest.mark.django_db
 def test_the_audit_and_calibration_links_are_in_the_nav_for_admins_only(make_user, session_for):
-    admin = session_for(make_user("admin")).get("/")
-    reader = session_for(make_user("radiologist")).get("/")
+    admin = session_for(make_user("admin")).get("/studies/")
+    reader = session_for(make_user("radiologist")).get("/studies/")
     for link in (b'href="/audit/"', b'href="/worklist/calibration/"'):
         assert link in admin.content
         assert link not in reader.content
@@ -151,7 +160,9 @@ def test_the_audit_and_calibration_links_are_in_the_nav_for_admins_only(make_use
 
 @pytest.mark.django_db
 def test_the_nav_offers_only_what_the_role_may_open(make_user, session_for):
-    pages = {role: session_for(make_user(role)).get("/").content.decode() for role in ("technologist", "radiologist")}
+    pages = {
+        role: session_for(make_user(role)).get("/studies/").content.decode() for role in ("technologist", "radiologist")
+    }
 
     def nav(role: str) -> str:
         return pages[role].split('<nav aria-label="Main">')[1].split("</nav>")[0]
