@@ -1,11 +1,13 @@
-"""The worklist in a real browser: new studies announced live without moving the list,
-read marks swapping one row. Real files ingested; Chromium drives the htmx page."""
+"""The worklist in a real browser: new studies announced live without moving the list
+under a reader, taken in by themselves while the reader is at the top and idle, read
+marks swapping one row. Real files ingested; Chromium drives the htmx page."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+from django.urls import reverse
 from pydicom.uid import generate_uid
 
 from studies.models import Finding
@@ -58,5 +60,48 @@ def test_live_arrivals_keep_the_scroll_position(
     bar.get_by_role("link", name="Show").click()
     expect(rows).to_have_count(31)  # one read study left, one new arrived
     expect(page.locator("#worklist-results")).to_contain_text("LATE")
+    expect(page.locator("tr.worklist-row.arrived")).to_have_count(1)  # marked as it came in
     expect(bar).to_have_count(0)
     assert page.evaluate("window.__worklistMarker") == 1
+
+
+@pytest.mark.browser
+def test_arrivals_come_in_live_without_moving_rows_under_a_reader(
+    transactional_db, live_server, user, browser_page, ingest, make_dicom, monkeypatch
+):
+    from triage import views
+
+    monkeypatch.setattr(views, "POLL_SECONDS", 1)
+
+    def arrive(name: str) -> str:
+        ingest(make_dicom(StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(), PatientName=name))
+        return name.replace("^", ", ")
+
+    arrive("First^Study")
+    page = browser_page
+    page.goto(live_server.url + reverse("triage:worklist"))
+    page.fill("#id_username", user.username)
+    page.fill("#id_password", "a-long-test-password")
+    page.click("button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/worklist/$"))
+    rows = page.locator("#worklist-results tr.worklist-row")
+    expect(rows).to_have_count(1)
+
+    # At the top and idle (worklist.js waits 5 s after the last input): it comes in alone.
+    second = arrive("Second^Study")
+    expect(rows).to_have_count(2, timeout=30_000)
+    expect(page.locator("tr.worklist-row.arrived")).to_contain_text(second)
+    expect(page.locator("tr.worklist-row:not(.arrived)")).to_contain_text("First, Study")
+
+    # A reader using the list (a filter has the focus): the bar announces, the rows stay.
+    page.locator("#id_modality").focus()
+    third = arrive("Third^Study")
+    show = page.locator("#worklist-changes [data-keep-place]")
+    expect(show).to_be_visible(timeout=30_000)
+    expect(page.locator("#worklist-changes")).to_contain_text("1 new study")
+    page.wait_for_timeout(7_000)  # idle long enough, but still focused on the filters
+    expect(rows).to_have_count(2)
+    show.click()
+    expect(rows).to_have_count(3)
+    expect(page.locator("tr.worklist-row.arrived")).to_have_count(1)
+    expect(page.locator("tr.worklist-row.arrived")).to_contain_text(third)
