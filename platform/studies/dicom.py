@@ -131,7 +131,7 @@ def read_header(
     With `verify_pixels`, compressed pixel data is proven decodable by decoding the
     first frame; uncompressed pixel data is checked by length, which costs nothing.
     `require_uids=False` reads a file that will not be stored (a search query): its
-    missing UIDs are left empty instead of refused.
+    missing or malformed UIDs are left empty instead of refused.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -176,8 +176,8 @@ def read_header(
         ("SeriesInstanceUID", "(0020,000E)"),
     ):
         value = _text(ds, keyword, 200)
-        if not value and not require_uids:
-            uids[keyword] = ""
+        if not require_uids and (not value or len(value) > 64 or not _UID_LOOSE_RE.match(value)):
+            uids[keyword] = ""  # a query's UIDs identify nothing: missing or malformed, they are left out
             continue
         if not value:
             raise InvalidDicom(f"missing {keyword} {tag}")

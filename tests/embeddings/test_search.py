@@ -230,6 +230,12 @@ def test_upload_png_and_dicom_as_query(api, active, archive, datasets):
     dcm = (datasets / "dicom-test-files" / "pydicom-test_files" / "CT_small.dcm").read_bytes()
     response = api.post("/api/v1/search/", {"file": _file("q.dcm", dcm), "k": 2}, format="multipart")
     assert response.status_code == 200 and len(response.json()["results"]) == 2
+    # A query identifies nothing by its UIDs: a malformed one is no reason to refuse it.
+    uid = b"1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
+    assert uid in dcm
+    bad = dcm.replace(uid, b"not.a-uid!" + b"x" * (len(uid) - 10))
+    response = api.post("/api/v1/search/", {"file": _file("q.dcm", bad), "k": 2}, format="multipart")
+    assert response.status_code == 200 and len(response.json()["results"]) == 2, response.content
 
 
 def test_undecodable_upload_is_400(api, active, archive, datasets):
