@@ -30,3 +30,15 @@ def check_request(request: HttpRequest, *, user: Any, token: Any = None) -> poli
     if scopes is not None:
         request.access_token_scopes = sorted(scopes)  # type: ignore[attr-defined]
     return decision
+
+
+def request_may(request: HttpRequest, permission: str) -> bool:
+    """Whether the request's user holds `permission`, narrowed by the scopes of the API
+    token it came with (views that answer more or less by permission, e.g. DICOMweb
+    metadata with or without the bulk data)."""
+    user = getattr(request, "user", None)
+    if permission not in user_permissions(user=user):
+        return False
+    token = getattr(request, "auth", None)
+    scopes = token_scopes(token=token) if token is not None else None
+    return scopes is None or permission in scopes

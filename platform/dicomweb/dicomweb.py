@@ -985,14 +985,30 @@ def _native_frames(ds: Dataset, numbers: list[int], count: int) -> Iterator[byte
         yield frame
 
 
-def instance_metadata(path: Path, *, bulk_data_base: str) -> dict[str, Any]:
+# For a reader without the download permission, binary values up to this size come
+# inline in metadata; larger ones (a waveform, an encapsulated PDF or CDA document, an
+# overlay) only as a BulkDataURI, which like the file and the frames needs download.
+INLINE_BINARY_MAX = 1024
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+def instance_metadata(path: Path, *, bulk_data_base: str, inline_binary_max: int | None = None) -> dict[str, Any]:
     """The header of a stored file in the DICOM JSON model (PS3.18 F.2), for WADO-RS
     metadata: every attribute but the File Meta group; Pixel Data as a BulkDataURI
-    (`bulk_data_base`/7FE00010, which answers the frames) and never inline; other binary values
-    inline (InlineBinary). Values pydicom cannot convert are left out rather than
-    failing the whole answer. AvailableTransferSyntaxUID tells viewers how the
-    frames are stored.
+    (`bulk_data_base`/7FE00010, which answers the frames) and never inline; other binary
+    values inline (InlineBinary), or, above `inline_binary_max` bytes when it is given,
+    as a BulkDataURI (`bulk_data_base`/tag: the bulk endpoint serves top-level ones).
+    Values pydicom cannot convert are left out rather than failing the whole answer.
+    AvailableTransferSyntaxUID tells viewers how the frames are stored.
     """
+    if inline_binary_max is None:
+        handler, threshold = None, 2**31
+    else:
+
+        def handler(elem) -> str:
+            return f"{bulk_data_base}/{tag_key(int(elem.tag))}"
+
+        threshold = inline_binary_max
     # defer_size keeps large values (the pixels) on disk: they are not needed here.
     ds = pydicom.dcmread(str(path), defer_size=1024)
     out: dict[str, Any] = {}
@@ -1004,11 +1020,21 @@ def instance_metadata(path: Path, *, bulk_data_base: str) -> dict[str, Any]:
             out[key] = {"vr": str(vr), "BulkDataURI": f"{bulk_data_base}/{key}"}
             continue
         try:
-            out[key] = ds[tag].to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=2**31)
+            out[key] = ds[tag].to_json_dict(bulk_data_element_handler=handler, bulk_data_threshold=threshold)
         except Exception:  # noqa: BLE001 - a malformed value drops that attribute only
             continue
     out[tag_key(0x00083002)] = json_element("UI", [str(ds.file_meta.TransferSyntaxUID)])
     return dict(sorted(out.items()))
+
+
+def bulk_data(path: Path, tag: int) -> bytes | None:
+    """The value of a top-level binary attribute of a stored file (what a BulkDataURI
+    of `instance_metadata` names), or None when the file has no such binary value."""
+    ds = pydicom.dcmread(str(path), specific_tags=[tag])
+    elem = ds.get(tag)
+    if elem is None or str(elem.VR) not in BINARY_VRS or not isinstance(elem.value, bytes):
+        return None
+    return elem.value
 
 
 # --- WADO-RS: rendered parameters --------------------------------------------------------

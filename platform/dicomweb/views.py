@@ -34,6 +34,7 @@ from .dicomweb import (
     DICOM,
     DICOM_JSON,
     FRAME_MEDIA_TYPES,
+    INLINE_BINARY_MAX,
     OCTET_STREAM,
     PIXEL_TAGS,
     FrameEncoding,
@@ -44,6 +45,7 @@ from .dicomweb import (
     OutPart,
     QidoError,
     UnsupportedMediaType,
+    bulk_data,
     file_chunks,
     frames,
     instance_metadata,
@@ -273,12 +275,20 @@ class MetadataView(DicomwebView):
         media_type = negotiate_json(self.accept)
         urls = self.urls
         files = dicom_store()
+        from access.enforce import request_may
+        from access.policy import DOWNLOAD
+
+        # Metadata needs read; binary values beyond a small size need download, as the
+        # file and the frames do: without it they come as a BulkDataURI that refuses.
+        inline_max = None if request_may(request, DOWNLOAD) else INLINE_BINARY_MAX
 
         def datasets() -> Iterator[bytes]:
             yield b"["
             for number, item in enumerate(found):
                 url = urls.instance(study, item.series.series_instance_uid, item.sop_instance_uid)
-                metadata = instance_metadata(files.path(item.file_path), bulk_data_base=f"{url}/bulk")
+                metadata = instance_metadata(
+                    files.path(item.file_path), bulk_data_base=f"{url}/bulk", inline_binary_max=inline_max
+                )
                 yield (b"," if number else b"") + json.dumps(metadata).encode()
             yield b"]"
 
@@ -333,13 +343,24 @@ class FramesView(_PixelView):
 
 
 class BulkDataView(_PixelView):
-    """GET .../instances/{instance}/bulk/7FE00010: the Pixel Data a metadata answer
-    points to, as all its frames (other binary values are inline in the metadata)."""
+    """GET .../instances/{instance}/bulk/{tag}: the bulk data a metadata answer points
+    to: Pixel Data (7FE00010) as all its frames, or another top-level binary value (a
+    waveform, an encapsulated document) as one application/octet-stream part."""
 
     def get(self, request, study: str, series: str, instance: str, tag: str):
         if int(tag, 16) not in PIXEL_TAGS:
-            return error_response(
-                f"no bulk data at {tag}: only Pixel Data is served as bulk data", status.HTTP_404_NOT_FOUND
+            found = self.instances_or_404(study, series, instance)
+            if isinstance(found, Response):
+                return found
+            value = bulk_data(dicom_store().path(found[0].file_path), int(tag, 16))
+            if value is None:
+                return error_response(
+                    f"no bulk data at {tag}: not a top-level binary value of this instance", status.HTTP_404_NOT_FOUND
+                )
+            boundary = new_boundary()
+            return StreamingHttpResponse(
+                multipart_body([OutPart(OCTET_STREAM, [value])], boundary),
+                content_type=multipart_content_type(OCTET_STREAM, boundary),
             )
         item = self.instance_with_pixels(study, series, instance)
         if isinstance(item, Response):

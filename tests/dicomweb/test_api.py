@@ -583,7 +583,7 @@ def test_instance_metadata(dw, stored, base_url, auth):
     assert restored.PatientID == ct.PatientID and restored.Rows == ct.Rows
     missing = requests.get(f"{base_url}/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/"
                            f"{ct.SOPInstanceUID}/bulk/00100010", headers=auth, timeout=30)  # fmt: skip
-    assert missing.status_code == 404 and "only Pixel Data" in missing.json()["error"]
+    assert missing.status_code == 404 and "not a top-level binary value" in missing.json()["error"]
 
 
 def test_study_and_series_metadata(dw, stored, make_dicom):
@@ -711,3 +711,50 @@ def test_rest_api_and_dicomweb_see_the_same_archive(dw, read):
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get().key}")
     body = client.get("/api/v1/studies/").json()
     assert body["count"] == 1 and body["results"][0]["patient"]["patient_id"] == "1CT1"
+
+
+@pytest.mark.django_db
+def test_large_binary_values_in_metadata_need_the_download_permission(dicom_files, django_user_model, user):
+    """Metadata needs read; a waveform, an overlay or an encapsulated document beyond a
+    small size needs download, as the file does. Without it, it comes as a BulkDataURI
+    that refuses; with it, inline as before, and the URI of a top-level value answers."""
+    import base64
+
+    from rest_framework.authtoken.models import Token
+
+    from access.services import role_grant
+    from studies import services
+
+    def client_for(person) -> APIClient:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=person).key}")
+        return client
+
+    def metadata(client: APIClient, url: str) -> dict:
+        response = client.get(f"{url}/metadata", HTTP_ACCEPT="application/dicom+json")
+        assert response.status_code == 200
+        return json.loads(b"".join(response.streaming_content))[0]
+
+    technologist = django_user_model.objects.create_user("tech-only", password="a-long-test-password")
+    role_grant(user=technologist, roles=["technologist"])  # read, no download
+    reader, downloader = client_for(technologist), client_for(user)
+    for name, path in (("overlay", "pydicom-data/MR-SIEMENS-DICOM-WithOverlays.dcm"),
+                       ("ecg", "pydicom-test_files/waveform_ecg.dcm")):  # fmt: skip
+        ds = pydicom.dcmread(dicom_files / path)
+        assert services.instance_ingest(source=dicom_files / path).ok
+        url = f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        if name == "overlay":
+            value, locate = ds[0x60003000].value, lambda m: m["60003000"]
+        else:
+            value, locate = ds.WaveformSequence[0].WaveformData, lambda m: m["54000100"]["Value"][0]["54001010"]
+        hidden = locate(metadata(reader, url))
+        assert "InlineBinary" not in hidden and hidden["BulkDataURI"].endswith(
+            f"{url}/bulk/{'60003000' if name == 'overlay' else '54001010'}"
+        )
+        shown = locate(metadata(downloader, url))
+        assert base64.b64decode(shown["InlineBinary"]) == value
+        if name == "overlay":  # a top-level value: its URI answers, with download only
+            assert reader.get(f"{url}/bulk/60003000").status_code == 403
+            response = downloader.get(f"{url}/bulk/60003000")
+            assert response.status_code == 200 and response["Content-Type"].startswith("multipart/related")
+            assert value in b"".join(response.streaming_content)
