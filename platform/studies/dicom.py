@@ -724,7 +724,7 @@ def dicomdir_files(path: Path | str) -> list[Path]:
     except Exception as exc:
         raise InvalidDicom(f"cannot read DICOMDIR: {_first_line(exc)}") from None
     try:
-        return [Path(record.path) for record in FileSet(ds)]
+        referenced = [Path(record.path) for record in FileSet(ds)]
     except Exception as exc:
         # The record tree is malformed (e.g. an image record with no patient record
         # above it): the files are still named in the records, in the same order.
@@ -732,7 +732,13 @@ def dicomdir_files(path: Path | str) -> list[Path]:
         if not referenced:
             raise InvalidDicom(f"cannot read DICOMDIR: {_first_line(exc)}") from None
         log.warning("%s: %s; reading its records one by one", path, _first_line(exc))
-        return referenced
+    # A file-set's files are under its root: a record naming "../.." would make an
+    # operator's ingest read any file on the host.
+    root = Path(path).resolve().parent
+    for file in referenced:
+        if not file.resolve().is_relative_to(root):
+            raise InvalidDicom(f"DICOMDIR references a file outside its folder: {file}")
+    return referenced
 
 
 def _referenced_files(ds: Dataset, root: Path) -> list[Path]:

@@ -49,6 +49,18 @@ def test_a_dicomdir_is_known_by_its_file_meta_too(dicom_files: Path):
     assert "50 stored, 31 duplicate, 0 rejected" in out  # TINY_ALPHA is new; no DICOMDIR rejected
 
 
+def test_a_dicomdir_naming_a_file_outside_its_folder_is_refused(dicom_files: Path, tmp_path: Path):
+    import pydicom
+
+    ds = pydicom.dcmread(dicom_files / "pydicom-test_files" / "dicomdirtests" / "DICOMDIR")
+    record = next(r for r in ds.DirectoryRecordSequence if "ReferencedFileID" in r)
+    record.ReferencedFileID = ["..", "..", "ETC", "PASSWD"]
+    (tmp_path / "cd").mkdir()
+    ds.save_as(tmp_path / "cd" / "DICOMDIR")
+    out = run(str(tmp_path / "cd" / "DICOMDIR"))
+    assert "DICOMDIR references a file outside its folder" in out and "0 stored" in out
+
+
 def test_folder_is_walked_recursively_skipping_dicomdirs_and_docs(dicom_files: Path):
     folder = dicom_files / "pydicom-test_files" / "dicomdirtests" / "TINY_ALPHA"
     out = run(str(folder))
