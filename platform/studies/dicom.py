@@ -256,6 +256,12 @@ def _explain_not_dicom(path: Path) -> str:
     return "not a DICOM Part 10 file: the File Meta Information cannot be read"
 
 
+# The most values one frame may declare (rows × columns × samples): 2**26, e.g. 8192 ×
+# 8192 grey. Radiographs and mammograms stay under 2**25. Without a cap, a few megabytes
+# of compressed data can declare a frame that takes gigabytes to decode and draw.
+MAX_FRAME_PIXELS = 2**26
+
+
 def _pixel_module(ds: Dataset, transfer_syntax: str, path: Path, verify: bool) -> dict[str, Any]:
     """Validate the Image Pixel module and return its values for the header."""
     values: dict[str, Any] = {}
@@ -272,6 +278,12 @@ def _pixel_module(ds: Dataset, transfer_syntax: str, path: Path, verify: bool) -
     frames = _int(ds, "NumberOfFrames", strict_tag="(0028,0008)")
     if frames is not None and frames <= 0:
         raise PixelDataError(f"NumberOfFrames (0028,0008) must be positive, got {frames}")
+    pixels = values["Rows"] * values["Columns"] * values["SamplesPerPixel"]
+    if pixels > MAX_FRAME_PIXELS:
+        raise PixelDataError(
+            f"a frame of {values['Rows']}×{values['Columns']}×{values['SamplesPerPixel']} values is over the "
+            f"{MAX_FRAME_PIXELS:,} a frame may hold here"
+        )
     bits = values["BitsAllocated"]
     if bits != 1 and bits % 8:
         raise PixelDataError(f"BitsAllocated (0028,0100) must be 1 or a multiple of 8, got {bits}")
@@ -489,6 +501,9 @@ def decode_frame(path: Path | str, ds: Dataset, frame: int = 1) -> np.ndarray:
     frames = _int(ds, "NumberOfFrames") or 1
     if not 1 <= frame <= frames:
         raise RenderError(f"frame {frame} is out of range 1..{frames}")
+    values = (_int(ds, "Rows") or 0) * (_int(ds, "Columns") or 0) * (_int(ds, "SamplesPerPixel") or 1)
+    if values > MAX_FRAME_PIXELS:  # stored before ingest refused such frames
+        raise RenderError(f"a frame of {values:,} values is over the {MAX_FRAME_PIXELS:,} a frame may hold here")
     ds = frame_header(ds, frame)
     try:
         arr = _frame_array(path, frame - 1 if frames > 1 else None)

@@ -327,3 +327,44 @@ def test_an_enhanced_ct_uses_each_frames_rescale_and_window(dicom_files: Path):
     # A classic header comes back as it is.
     classic = dicom.read_dataset(dicom_files / TF / "CT_small.dcm", stop_before_pixels=True)
     assert dicom.frame_header(classic, 1) is classic
+
+
+def _rle_frame_of(side: int, path: Path) -> Path:
+    """A Secondary Capture whose one RLE frame declares side × side 8-bit pixels in a
+    file a few hundred times smaller (runs of 128 equal bytes)."""
+    import struct
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless, SecondaryCaptureImageStorage, generate_uid
+
+    runs, rest = divmod(side * side, 128)
+    segment = bytes([0x81, 0x40]) * runs + (bytes([257 - rest, 0x40]) if rest else b"")
+    segment += b"\x00" * (len(segment) % 2)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "OT"
+    ds.Rows = ds.Columns = side
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 8, 8, 7, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = encapsulate([struct.pack("<16L", 1, 64, *([0] * 14)) + segment])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_frame_too_large_to_decode_safely_is_refused_before_any_decoding(tmp_path: Path):
+    # 10000² values from a 1.6 MB file: decoding and drawing it would take gigabytes.
+    bomb = _rle_frame_of(10_000, tmp_path / "bomb.dcm")
+    assert bomb.stat().st_size < 2_000_000
+    with pytest.raises(PixelDataError, match=r"a frame of 10000×10000×1 values is over the 67,108,864"):
+        dicom.read_header(bomb)
+    # One stored before the cap is not drawn either.
+    with pytest.raises(RenderError, match="over the 67,108,864"):
+        dicom.decode_frame(bomb, dicom.read_dataset(bomb, stop_before_pixels=True))
+    # The same construction at a size radiographs have is read.
+    _, header = dicom.read_header(_rle_frame_of(4096, tmp_path / "fine.dcm"))
+    assert (header.rows, header.columns) == (4096, 4096)
