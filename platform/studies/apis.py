@@ -494,6 +494,7 @@ class InstancePreviewApi(_InstanceApi):
     """
 
     max_size: int | None = None
+    size_cap: int | None = None  # the largest `size` served (None: what RenderInput allows)
 
     @render_schema(operation_id="instances_preview", summary="The instance rendered as PNG")
     def get(self, request, sop_instance_uid: str):
@@ -512,9 +513,10 @@ class InstancePreviewApi(_InstanceApi):
                 f"frame {p['frame']} is out of range 1..{instance.number_of_frames}", status.HTTP_400_BAD_REQUEST
             )
         window = Window(p["wc"], p["ww"]) if "wc" in p else None
-        render = RenderRequest(
-            frame=p["frame"], preset=p["preset"], window=window, max_size=p.get("size") or self.max_size
-        )
+        size = p.get("size") or self.max_size
+        if self.size_cap is not None:
+            size = min(size, self.size_cap)
+        render = RenderRequest(frame=p["frame"], preset=p["preset"], window=window, max_size=size)
         try:
             png = services.instance_render_png(instance=instance, request=render)
         except RenderError as exc:
@@ -529,9 +531,14 @@ class InstancePreviewApi(_InstanceApi):
 
 
 class InstanceThumbnailApi(InstancePreviewApi):
-    """GET /api/v1/instances/{sop_instance_uid}/thumbnail.png (256 px, default window)."""
+    """GET /api/v1/instances/{sop_instance_uid}/thumbnail.png (256 px, default window).
+
+    Never larger than 256 px, whatever `size` asks: thumbnails are not audited (a grid
+    of results asks for dozens), so a full-size image must come through preview.png,
+    which is."""
 
     max_size = services.THUMBNAIL_SIZE
+    size_cap = services.THUMBNAIL_SIZE
 
     @render_schema(operation_id="instances_thumbnail", summary="The instance as a PNG thumbnail (256 px by default)")
     def get(self, request, sop_instance_uid: str):

@@ -323,6 +323,15 @@ def test_preview_window_presets_and_headers(api, dicom_files, precedent_home):
     assert list((precedent_home / "cache" / "render").rglob("*.png"))  # cached under PRECEDENT_HOME
 
 
+def test_a_thumbnail_is_never_larger_than_256_px(api, dicom_files):
+    """Thumbnails are not audited; a full-size image comes through preview.png, which is."""
+    instance = store(dicom_files / "pydicom-test_files/JPEG2000.dcm")  # 1024 rows × 256 columns
+    url = f"/api/v1/instances/{instance.sop_instance_uid}"
+    assert png(api.get(f"{url}/thumbnail.png?size=8192&wc=64&ww=10")).size == (64, 256)
+    assert png(api.get(f"{url}/thumbnail.png?size=128")).size == (32, 128)
+    assert png(api.get(f"{url}/preview.png?size=8192")).size == (256, 1024)
+
+
 def test_the_preview_of_an_enhanced_ct_is_windowed_in_hounsfield_units(api, dicom_files):
     # Its rescale and window live in the functional groups (tests/studies/test_dicom.py).
     instance = store(dicom_files / "pydicom-data/eCT_Supplemental.dcm")
