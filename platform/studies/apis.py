@@ -5,7 +5,7 @@ Views validate with an input serializer, call one service or selector, and retur
 
 from __future__ import annotations
 
-from django.http import FileResponse
+from django.http import FileResponse, JsonResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers, status
@@ -312,6 +312,20 @@ class InstanceUploadApi(ApiView):
     parser_classes = [MultiPartParser]
 
     def dispatch(self, request, *args, **kwargs):
+        # Nothing reads the body of a request that is too large, or of a browser session
+        # whose user may not ingest: DRF's CSRF check for sessions (below) reads the form,
+        # and with it every file, before its permission check would refuse. (An API
+        # token is read later, by DRF, before anything reads the body.)
+        too_large = body_over_limit(request)
+        if too_large:
+            return JsonResponse({"error": too_large}, status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+        session_user = getattr(request, "user", None)
+        if session_user is not None and session_user.is_authenticated:
+            from access.enforce import check_request
+
+            decision = check_request(request, user=session_user)
+            if not decision.allowed:
+                return JsonResponse({"error": decision.reason}, status=decision.status)
         # A multipart body's files are spooled into the store as it is parsed, written
         # once (uploads.py). Set up before DRF authenticates: a browser session's CSRF
         # check reads the form. What the ingest did not take is removed at the end,
@@ -358,9 +372,6 @@ class InstanceUploadApi(ApiView):
         },
     )
     def post(self, request):
-        too_large = body_over_limit(request)
-        if too_large:
-            return error_response(too_large, status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
         if request.content_type.split(";")[0].strip().lower() == "application/dicom":
             # One Part 10 file as the whole body (as Orthanc's POST /instances takes
             # it): streamed into the store without multipart parsing or a second copy.

@@ -132,6 +132,37 @@ def test_a_session_upload_with_its_csrf_token_in_the_form_is_spooled_too(user, m
     assert list((precedent_home / "tmp").iterdir()) == []
 
 
+def test_a_session_that_may_not_ingest_is_refused_before_its_body_is_read(
+    django_user_model, make_dicom, monkeypatch, settings
+):
+    """A radiologist (no ingest permission) posting files from a browser session is
+    refused before DRF's CSRF check reads the form, and with it every file; so is any
+    body over the limit."""
+    from access.services import role_grant
+    from studies import uploads
+
+    reader = django_user_model.objects.create_user("reads-only", password="a-long-test-password")
+    role_grant(user=reader, roles=["radiologist"])
+    spooled = []
+    real = uploads.spool_uploads
+    monkeypatch.setattr(uploads, "spool_uploads", lambda request: spooled.append(request) or real(request))
+    client = APIClient(enforce_csrf_checks=True)
+    client.force_login(reader)
+    token = get_token(RequestFactory().get("/"))
+    client.cookies["csrftoken"] = token
+    body = encode_multipart(BOUNDARY, {"csrfmiddlewaretoken": token, "file": [upload("a.dcm", make_dicom())]})
+    content_type = f"multipart/form-data; boundary={BOUNDARY}"
+    response = client.generic("POST", "/api/v1/instances/", body, content_type=content_type)
+    assert response.status_code == 403 and "ingest" in response.json()["error"]
+    from access.models import AuditEvent
+
+    assert AuditEvent.objects.filter(outcome="denied", user=reader).exists()  # refused, and audited
+    settings.PRECEDENT_MAX_UPLOAD_BYTES = 100
+    response = client.generic("POST", "/api/v1/instances/", make_dicom(), content_type="application/dicom")
+    assert response.status_code == 413 and "error" in response.json()
+    assert spooled == [] and not Instance.objects.exists()
+
+
 def test_a_body_read_already_keeps_djangos_handlers(make_dicom):
     body = encode_multipart(BOUNDARY, {"file": [upload("a.dcm", make_dicom())]})
     request = RequestFactory().generic("POST", "/", body, content_type=f"multipart/form-data; boundary={BOUNDARY}")
