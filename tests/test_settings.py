@@ -81,10 +81,25 @@ def test_index_gpu_must_be_auto_on_or_off(tmp_path):
     assert result.returncode != 0 and "PRECEDENT_INDEX_GPU must be auto, on or off, got 'yes'" in result.stderr
 
 
-def test_a_bad_setting_is_one_line_not_a_traceback(tmp_path):
-    result = manage("check", PRECEDENT_HOME=str(tmp_path), PRECEDENT_MAX_UPLOAD_BYTES="abc")
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("PRECEDENT_MAX_UPLOAD_BYTES", "abc", "PRECEDENT_MAX_UPLOAD_BYTES must be an integer, got 'abc'"),
+        ("PRECEDENT_LOG_LEVEL", "LOUD", "PRECEDENT_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        # Read by the pure cores later; checked at start all the same.
+        ("PRECEDENT_FAISS_SEARCH_THREADS", "x", "PRECEDENT_FAISS_SEARCH_THREADS must be an integer, got 'x'"),
+        ("PRECEDENT_TORCH_THREADS", "0", "PRECEDENT_TORCH_THREADS must be at least 1, got 0"),
+        ("PRECEDENT_DICOM_PORT", "99999", "PRECEDENT_DICOM_PORT must be at most 65535, got 99999"),
+    ],
+)
+def test_a_bad_setting_is_one_line_not_a_traceback(tmp_path, variable, value, message):
+    result = manage("check", PRECEDENT_HOME=str(tmp_path), **{variable: value})
     assert result.returncode == 2
-    assert result.stderr == "configuration error: PRECEDENT_MAX_UPLOAD_BYTES must be an integer, got 'abc'\n"
+    assert result.stderr.startswith(f"configuration error: {message}") and result.stderr.count("\n") == 1
+
+
+def test_the_log_level_may_be_written_in_lower_case(tmp_path):
+    assert manage("check", PRECEDENT_HOME=str(tmp_path), PRECEDENT_LOG_LEVEL="debug").returncode == 0
 
 
 def test_embedded_database_survives_restarts(tmp_path):

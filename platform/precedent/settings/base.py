@@ -12,7 +12,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import env_bool, env_float, env_int, env_list, env_str
+from .env import env_bool, env_choice, env_float, env_int, env_list, env_str
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -219,7 +219,7 @@ PRECEDENT_EXPORT_MAX_INSTANCES = env_int("PRECEDENT_EXPORT_MAX_INSTANCES", 2000,
 # the calling AE titles it accepts (empty: any), and whether senders must call its title.
 PRECEDENT_DICOM_AE_TITLE = env_str("PRECEDENT_DICOM_AE_TITLE", "PRECEDENT")
 PRECEDENT_DICOM_BIND = env_str("PRECEDENT_DICOM_BIND", "127.0.0.1")
-PRECEDENT_DICOM_PORT = env_int("PRECEDENT_DICOM_PORT", 11112, minimum=1)
+PRECEDENT_DICOM_PORT = env_int("PRECEDENT_DICOM_PORT", 11112, minimum=1, maximum=65535)
 PRECEDENT_DICOM_ALLOWED_AE_TITLES = env_list("PRECEDENT_DICOM_ALLOWED_AE_TITLES", [])
 PRECEDENT_DICOM_REQUIRE_CALLED_AE_TITLE = env_bool("PRECEDENT_DICOM_REQUIRE_CALLED_AE_TITLE", True)
 
@@ -254,11 +254,20 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
+PRECEDENT_LOG_LEVEL = env_choice(
+    "PRECEDENT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), upper=True
+)
+# Read by the pure cores (embeddings/index.py, embeddings/encoder.py) from the
+# environment; checked here so that a bad value fails at start, not in the first search.
+env_int("PRECEDENT_FAISS_SEARCH_THREADS", 1, minimum=1)
+env_int("PRECEDENT_FAISS_BATCH_THREADS", 0, minimum=0)
+env_int("PRECEDENT_TORCH_THREADS", 1, minimum=1)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("PRECEDENT_LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": PRECEDENT_LOG_LEVEL},
     "loggers": {"pgserver": {"level": "WARNING"}, "faiss.loader": {"level": "WARNING"}},
 }
