@@ -252,7 +252,9 @@ def _query_of(request: HttpRequest, response: HttpResponse) -> dict[str, Any]:
     params: dict[str, Any] = {key: _short(value) for key, value in request.GET.items()}
     drf_request = (getattr(response, "renderer_context", None) or {}).get("request")
     data = getattr(drf_request, "_full_data", None) if drf_request is not None else None
-    if data is None and request.method == "POST" and not is_api_view(getattr(request.resolver_match, "func", None)):
+    # A form the view read (Django keeps it as `_post`); never read a body for the audit
+    # alone: a refused request (a login redirect, a 403) leaves its upload unread.
+    if data is None and hasattr(request, "_post"):
         data = request.POST
     if hasattr(data, "items"):
         for key, value in data.items():

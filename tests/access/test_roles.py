@@ -172,3 +172,33 @@ def test_the_nav_offers_only_what_the_role_may_open(make_user, session_for):
     # The brand leads home: the worklist, for those who read from it.
     assert '<a class="brand" href="/worklist/">' in pages["radiologist"]
     assert 'href="/search/"' in radiologist and 'href="/upload/"' not in radiologist
+
+
+@pytest.mark.django_db
+def test_a_refused_form_post_is_answered_before_its_body_is_read(make_user, monkeypatch):
+    """The CSRF check of a form POST reads the whole body, every uploaded file, to find
+    its token: the login and access checks refuse first, so an anonymous visitor or a
+    user without the permission cannot make the server read (and spool) an upload."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from django.http import multipartparser
+    from django.middleware.csrf import get_token
+    from django.test import Client, RequestFactory
+
+    parsed = []
+    real = multipartparser.MultiPartParser.parse
+    monkeypatch.setattr(multipartparser.MultiPartParser, "parse", lambda self: parsed.append(1) or real(self))
+
+    def post(person=None):
+        client = Client(enforce_csrf_checks=True)
+        if person is not None:
+            client.force_login(person)
+        token = get_token(RequestFactory().get("/"))
+        client.cookies["csrftoken"] = token
+        upload = SimpleUploadedFile("q.png", b"\x89PNG" + b"x" * 4096, content_type="image/png")
+        return client.post("/search/", {"csrfmiddlewaretoken": token, "file": upload})
+
+    anonymous = post()
+    assert anonymous.status_code == 302 and "/login/" in anonymous["Location"] and parsed == []
+    assert post(make_user("technologist")).status_code == 403 and parsed == []  # no search permission
+    # Allowed, the form is read (and its CSRF token checked) as before.
+    assert post(make_user("radiologist")).status_code in (200, 400) and parsed
