@@ -39,6 +39,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import render
 from rest_framework.views import APIView
 
+from precedent.api import body_over_limit
+
 from . import policy
 from .enforce import check_request
 from .models import Outcome
@@ -142,6 +144,9 @@ class AccessMiddleware:
             return None  # DRF authenticates in the view; access.permissions decides there
         decision = check_request(request, user=request.user)
         if decision.allowed:
+            too_large = body_over_limit(request) if request.method == "POST" else None
+            if too_large:  # before the CSRF check below would read (and spool) it all
+                return HttpResponse(too_large, status=413, content_type="text/plain; charset=utf-8")
             return None
         if decision.status == 401:
             return redirect_to_login(request.get_full_path())

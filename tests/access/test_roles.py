@@ -175,7 +175,7 @@ def test_the_nav_offers_only_what_the_role_may_open(make_user, session_for):
 
 
 @pytest.mark.django_db
-def test_a_refused_form_post_is_answered_before_its_body_is_read(make_user, monkeypatch):
+def test_a_refused_form_post_is_answered_before_its_body_is_read(make_user, monkeypatch, settings):
     """The CSRF check of a form POST reads the whole body, every uploaded file, to find
     its token: the login and access checks refuse first, so an anonymous visitor or a
     user without the permission cannot make the server read (and spool) an upload."""
@@ -188,17 +188,22 @@ def test_a_refused_form_post_is_answered_before_its_body_is_read(make_user, monk
     real = multipartparser.MultiPartParser.parse
     monkeypatch.setattr(multipartparser.MultiPartParser, "parse", lambda self: parsed.append(1) or real(self))
 
-    def post(person=None):
+    def post(person=None, size=4096):
         client = Client(enforce_csrf_checks=True)
         if person is not None:
             client.force_login(person)
         token = get_token(RequestFactory().get("/"))
         client.cookies["csrftoken"] = token
-        upload = SimpleUploadedFile("q.png", b"\x89PNG" + b"x" * 4096, content_type="image/png")
+        upload = SimpleUploadedFile("q.png", b"\x89PNG" + b"x" * size, content_type="image/png")
         return client.post("/search/", {"csrfmiddlewaretoken": token, "file": upload})
 
     anonymous = post()
     assert anonymous.status_code == 302 and "/login/" in anonymous["Location"] and parsed == []
     assert post(make_user("technologist")).status_code == 403 and parsed == []  # no search permission
-    # Allowed, the form is read (and its CSRF token checked) as before.
-    assert post(make_user("radiologist")).status_code in (200, 400) and parsed
+    # Allowed, the form is read (and its CSRF token checked) as before, up to the limit.
+    radiologist = make_user("radiologist")
+    assert post(radiologist).status_code in (200, 400) and parsed
+    parsed.clear()
+    settings.PRECEDENT_MAX_UPLOAD_BYTES = 1024  # a multipart body may be 1 MiB over it, for framing
+    too_large = post(radiologist, size=(1 << 20) + 8192)
+    assert too_large.status_code == 413 and b"over the upload limit" in too_large.content and parsed == []
