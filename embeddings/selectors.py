@@ -16,7 +16,7 @@ from precedent.lazy import LazyModule
 from studies.models import Finding, Instance
 
 from . import services
-from .models import Embedding, EncoderVersion
+from .models import Embedding, EncoderVersion, SearchFeedback
 
 # torch on first use: most processes that load this module (any manage.py command) never embed.
 enc = LazyModule("embeddings.encoder")
@@ -476,3 +476,32 @@ def search_filter_values() -> dict[str, list[str]]:
         }
 
     return cache.get_or_set("search-filter-values", compute, FILTER_VALUES_CACHE_SECONDS)
+
+
+# --- feedback ---------------------------------------------------------------------------
+
+
+def box_key(box) -> tuple[float, ...] | None:
+    """A box as a lookup key: its corners to 0.01 px (JSON round trips change the last bits)."""
+    return tuple(round(float(v), 2) for v in box) if box else None
+
+
+def feedback_given(*, user, query_uid: str, query_box, result_uids: list[str]) -> dict[tuple, str]:
+    """The user's latest verdict ("relevant" / "not-relevant") on each result of this
+    query, keyed by (result SOP Instance UID, box_key(result box)): what the search page
+    shows as already given. An uploaded query names no stored image, so none is found."""
+    if not query_uid or not result_uids or not getattr(user, "is_authenticated", False):
+        return {}
+    rows = (
+        SearchFeedback.objects.filter(
+            user=user, query_instance__sop_instance_uid=query_uid, result_instance__sop_instance_uid__in=result_uids
+        )
+        .order_by("created_at", "pk")
+        .values_list("query_box", "result_instance__sop_instance_uid", "result_box", "relevant")
+    )
+    wanted = box_key(query_box)
+    return {
+        (uid, box_key(result_box)): "relevant" if relevant else "not-relevant"
+        for stored_box, uid, result_box, relevant in rows
+        if box_key(stored_box) == wanted
+    }

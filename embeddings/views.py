@@ -187,6 +187,7 @@ class Card:
     boxes: list[dict[str, Any]]  # ground-truth boxes of the image (for image hits)
     compare_url: str
     feedback: dict[str, Any]
+    saved: str | None = None  # the reader's earlier verdict on it: "relevant" / "not-relevant"
 
 
 def svg_box(box) -> dict[str, float]:
@@ -220,7 +221,10 @@ def compare_url(query_uid: str, query_box, result: dict[str, Any]) -> str:
     return f"{reverse('search:compare')}?{query.urlencode()}"
 
 
-def cards(results: SearchResults, query_uid: str, query_box) -> list[Card]:
+def cards(results: SearchResults, query_uid: str, query_box, user=None) -> list[Card]:
+    given = selectors.feedback_given(
+        user=user, query_uid=query_uid, query_box=query_box, result_uids=[h.sop_instance_uid for h in results.hits]
+    )
     out = []
     for hit in results.hits:
         result = result_dict(hit)
@@ -236,6 +240,7 @@ def cards(results: SearchResults, query_uid: str, query_box) -> list[Card]:
                 boxes=boxes,
                 compare_url=compare_url(query_uid, query_box, result),
                 feedback=feedback_values(query_uid, query_box, result),
+                saved=given.get((hit.sop_instance_uid, selectors.box_key(hit.box))),
             )
         )
     return out
@@ -288,7 +293,7 @@ def search(request: HttpRequest) -> HttpResponse:
         "upload_name": upload.name if upload is not None else "",
         "upload_size": upload.size if upload is not None else 0,
         "results": results,
-        "cards": cards(results, query_uid, box) if results else [],
+        "cards": cards(results, query_uid, box, request.user) if results else [],
         "error": error,
         "values": form_values(params, kind),
         "whole_image_url": _url(canonical_query({**validated, "box": None, "kind": None})) if box and validated else "",
@@ -360,6 +365,13 @@ def compare(request: HttpRequest) -> HttpResponse:
             else None
         ),
     }
+    context["feedback_saved"] = (
+        selectors.feedback_given(
+            user=request.user, query_uid=query_uid, query_box=query_box, result_uids=[result.sop_instance_uid]
+        ).get((result.sop_instance_uid, selectors.box_key(result_box)))
+        if context["feedback"]
+        else None
+    )
     response = render(request, template, context)
     patch_vary_headers(response, ["HX-Request", "HX-Target"])
     return response

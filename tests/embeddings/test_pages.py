@@ -318,6 +318,33 @@ def test_feedback_is_stored_with_session_auth_and_csrf(user, active, archive):
     assert not latest.relevant and latest.query_instance is None and latest.result_box is None
 
 
+def test_a_verdict_given_shows_when_the_reader_comes_back(user, active, archive, django_user_model):
+    """The search page and the comparison show the reader's latest verdict on a result of
+    the same query, so nobody rates the same results again without knowing."""
+    client = Client()
+    client.force_login(user)
+    query = archive[0]
+    params = {"sop_instance_uid": query.sop_instance_uid, "k": 3, "exclude_same_patient": "false"}
+    html = client.get(SEARCH, params).content.decode()
+    assert 'aria-pressed="true"' not in html
+    first = re.search(r'name="result_sop_instance_uid" value="([^"]+)"', html).group(1)
+    form = {"query_sop_instance_uid": query.sop_instance_uid, "query_box": "", "result_sop_instance_uid": first,
+            "result_box": "", "rank": "1", "score": "0.5"}  # fmt: skip
+    for relevant in ("1", "0"):  # the latest verdict counts
+        assert client.post(FEEDBACK, {**form, "relevant": relevant}, HTTP_HX_REQUEST="true").status_code == 200
+    again = client.get(SEARCH, params).content.decode()
+    assert again.count('class="no" aria-pressed="true"') == 1 and 'class="yes" aria-pressed="true"' not in again
+    compare = client.get(COMPARE, {"query": query.sop_instance_uid, "result": first, "rank": "1", "score": "0.5"})
+    assert 'class="no" aria-pressed="true"' in compare.content.decode()
+    # Another reader's verdict is theirs.
+    other = django_user_model.objects.create_user("other-reader", password="a-long-test-password")
+    from access.services import role_grant
+
+    role_grant(user=other, roles=["radiologist"])
+    client.force_login(other)
+    assert 'aria-pressed="true"' not in client.get(SEARCH, params).content.decode()
+
+
 def test_bad_feedback_says_why(browser_client, active, archive):
     form = {"result_sop_instance_uid": archive[0].sop_instance_uid, "rank": "0", "score": "x", "relevant": "1"}
     response = browser_client.post(FEEDBACK, form, HTTP_HX_REQUEST="true")
