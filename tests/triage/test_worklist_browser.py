@@ -15,6 +15,16 @@ from studies.models import Finding
 expect = pytest.importorskip("playwright.sync_api").expect
 
 
+def open_worklist(page, live_server, user):
+    """Log in through the form, which sends the reader on to the worklist."""
+    page.goto(live_server.url + reverse("triage:worklist"))
+    page.fill("#id_username", user.username)
+    page.fill("#id_password", "a-long-test-password")
+    page.click("button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/worklist/$"))
+    return page
+
+
 @pytest.mark.browser
 def test_live_arrivals_keep_the_scroll_position(
     transactional_db, live_server, user, browser_page, ingest, mammogram, make_dicom, monkeypatch
@@ -29,12 +39,7 @@ def test_live_arrivals_keep_the_scroll_position(
             make_dicom(PatientID=f"CT-{number:02d}", StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid())
         )
 
-    page = browser_page
-    page.goto(live_server.url + "/worklist/")
-    page.fill("#id_username", user.username)
-    page.fill("#id_password", "a-long-test-password")
-    page.click("button[type=submit]")
-    expect(page).to_have_url(re.compile(r"/worklist/$"))
+    page = open_worklist(browser_page, live_server, user)
     rows = page.locator("tr.worklist-row")
     expect(rows).to_have_count(31)
     expect(rows.first).to_contain_text("Urgent")
@@ -78,12 +83,7 @@ def test_arrivals_come_in_live_without_moving_rows_under_a_reader(
         return name.replace("^", ", ")
 
     arrive("First^Study")
-    page = browser_page
-    page.goto(live_server.url + reverse("triage:worklist"))
-    page.fill("#id_username", user.username)
-    page.fill("#id_password", "a-long-test-password")
-    page.click("button[type=submit]")
-    expect(page).to_have_url(re.compile(r"/worklist/$"))
+    page = open_worklist(browser_page, live_server, user)
     rows = page.locator("#worklist-results tr.worklist-row")
     expect(rows).to_have_count(1)
 
