@@ -415,7 +415,7 @@ def test_an_admin_picks_another_threshold_on_the_curve_and_signs_it_off(
     assert browser_client.post(url, {"threshold": "0.6"}).status_code == 403  # a radiologist
     client.force_login(admin)
     page = client.get(reverse("triage:calibration")).text
-    assert '<option value="0.6">0.6000: sensitivity 0.500, specificity 1.000, workload reduction 0.750' in page
+    assert '<option value="0.6">0.600000: sensitivity 0.500, specificity 1.000, workload reduction 0.750' in page
     assert client.post(url, {"threshold": "0.55"}).status_code == 400  # not on the curve
     assert client.post(url, {"threshold": "x"}).status_code == 400
 
